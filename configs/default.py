@@ -1,0 +1,77 @@
+"""Shared base config of every ddpm_jax experiment.
+
+Each experiment file in configs/ starts from `get_config()` here and overrides what differs.
+Values here are the paper's CIFAR-10 settings (SPEC.md section 5) unless a comment says otherwise.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    # Data: name in {'digits', 'cifar10', 'celeb_a_hq', 'lsun/church', 'lsun/bedroom', 'lsun/cat', 'folder'}.
+    data = config.data = ml_collections.ConfigDict()
+    data.name = 'cifar10'
+    data.tfds_name = 'cifar10'          # TFDS builder name (with config/version), for TFDS-backed sources
+    data.train_split = 'train'
+    data.eval_split = 'test'
+    data.image_size = 32
+    data.channels = 3
+    data.random_flip = True
+    data.data_dir = ''                  # TFDS data_dir or image-folder root; '' means the TFDS default
+
+    # U-Net (SPEC.md section 4). out_ch is derived: channels, or 2 * channels for learned variances.
+    model = config.model = ml_collections.ConfigDict()
+    model.ch = 128
+    model.ch_mult = (1, 2, 2, 2)
+    model.num_res_blocks = 2
+    model.attn_resolutions = (16,)
+    model.dropout = 0.1
+    model.resamp_with_conv = True
+    model.dtype = 'float32'             # compute dtype: 'float32' or 'bfloat16'; params stay float32
+
+    # Diffusion (SPEC.md section 3).
+    diffusion = config.diffusion = ml_collections.ConfigDict()
+    diffusion.beta_schedule = 'linear'
+    diffusion.beta_start = 1e-4
+    diffusion.beta_end = 0.02
+    diffusion.num_diffusion_timesteps = 1000
+    diffusion.model_mean_type = 'eps'
+    diffusion.model_var_type = 'fixedlarge'
+    diffusion.loss_type = 'mse'
+    diffusion.hybrid_lambda = 0.001     # weight of the bound term in the 'hybrid' loss (Improved DDPM)
+
+    # Optimiser: Adam with linear warmup, global-norm clipping and an EMA of the params.
+    optim = config.optim = ml_collections.ConfigDict()
+    optim.lr = 2e-4
+    optim.beta1 = 0.9
+    optim.beta2 = 0.999
+    optim.eps = 1e-8
+    optim.warmup_steps = 5000
+    optim.grad_clip = 1.0               # global norm; 0 disables clipping
+    optim.ema_decay = 0.9999
+
+    training = config.training = ml_collections.ConfigDict()
+    training.batch_size = 128           # global batch over all devices and hosts
+    training.num_train_steps = 800_000
+    training.log_every_steps = 100
+    training.checkpoint_every_steps = 5_000
+    training.keep_latest = 2            # most recent checkpoints kept
+    training.keep_every = 50_000        # checkpoints at multiples of this are kept for evaluation (0: none)
+    training.sample_every_steps = 10_000
+    training.num_grid_samples = 64      # images in the PNG sample grid written while training
+
+    sampling = config.sampling = ml_collections.ConfigDict()
+    sampling.clip_denoised = True
+    sampling.num_samples = 50_000
+    sampling.batch_size = 256           # global batch over all devices
+    sampling.sampler = 'ancestral'      # 'ancestral' (the paper's) | 'ddim'; later issues may add more
+    sampling.num_steps = 0              # 0 = all T steps; fewer respaces the timesteps
+    sampling.ddim_eta = 0.0
+
+    evaluation = config.eval = ml_collections.ConfigDict()
+    evaluation.batch_size = 256
+    evaluation.num_images = 0           # 0 = the whole split
+    evaluation.checkpoint_step = -1     # -1 = latest
+    return config
