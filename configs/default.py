@@ -74,4 +74,14 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.batch_size = 256
     evaluation.num_images = 0           # 0 = the whole split
     evaluation.checkpoint_step = -1     # -1 = latest
+    evaluation.split = ''               # '' = data.eval_split
+    # Paper figures (--mode=progressive, shared_xt, interpolate). Empty timestep lists mean
+    # T/4-1, T/2-1, 3T/4-1, T-1.
+    evaluation.progressive_freq = 0     # predicted x0 every this many steps; 0 = T // 10
+    evaluation.num_progressive = 8
+    evaluation.shared_xt_timesteps = ()
+    evaluation.num_shared = 7
+    evaluation.interp_timesteps = ()
+    evaluation.interp_indices = (0, 1)  # the two eval-split images that are interpolated
+    evaluation.num_lambdas = 9
     return config

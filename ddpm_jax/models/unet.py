@@ -1,0 +1,314 @@
+"""The U-Net of DDPM (Ho et al. 2020), exact to the official `diffusion_tf/models/unet.py`.
+
+SPEC.md section 4 describes the architecture. The Flax module tree mirrors the official TF
+variable scopes, so `model/down_1/attn_0/q/W` is `params['down_1']['attn_0']['q']['kernel']`
+(`W`/`b` -> `kernel`/`bias`, GroupNorm `gamma`/`beta` -> `scale`/`bias`); see ddpm_jax/convert.py.
+
+Precision: parameters are stored in `param_dtype` (float32). Convolutions, dense layers and the
+attention matmuls run in the compute `dtype` (float32 or bfloat16). GroupNorm statistics, the
+attention softmax, the timestep embedding and the output are computed in at least float32
+(`promote_types(dtype, float32)`, so float64 under `jax.enable_x64` with `dtype=float64`).
+"""
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Official init: variance_scaling(scale, 'fan_avg', 'uniform'); scale 0 means 1e-10 (nn.py:10-11).
+_DEFAULT_INIT = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform')
+_ZERO_INIT = nn.initializers.variance_scaling(1e-10, 'fan_avg', 'uniform')
+
+_COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+_LEARNED_VAR_TYPES = ('learned', 'learned_range')
+
+
+def _float_dtype(dtype: Dtype) -> Dtype:
+    """The dtype of normalisation statistics and softmax: at least float32."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def get_timestep_embedding(timesteps: jax.Array, embedding_dim: int, dtype: Dtype = jnp.float32) -> jax.Array:
+    """Official sinusoidal embedding (nn.py:90-109) of raw integer timesteps.
+
+    timesteps: [B] int (not rescaled). Returns [B, embedding_dim]: sin of all frequencies, then cos,
+    frequencies exp(-log(10000) * k / (half - 1)) for k = 0..half-1; zero-padded when embedding_dim is odd.
+    """
+    if timesteps.ndim != 1:
+        raise ValueError(f'timesteps must have shape [B], got {timesteps.shape}')
+    half = embedding_dim // 2
+    if half < 2:
+        raise ValueError(f'embedding_dim must be at least 4, got {embedding_dim}')
+    freqs = jnp.exp(jnp.arange(half, dtype=dtype) * (-math.log(10000) / (half - 1)))
+    angles = timesteps.astype(dtype)[:, None] * freqs[None, :]
+    emb = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=1)
+    if embedding_dim % 2 == 1:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+def _group_norm(name: str, *, dtype: Dtype, param_dtype: Dtype) -> nn.GroupNorm:
+    """The official `normalize`: GroupNorm, 32 groups, eps 1e-6, two-pass variance (as TF), in >= float32.
+
+    Apply it to x: [B, H, W, C] already cast to `promote_types(dtype, float32)`; see `_normalize`.
+    """
+    return nn.GroupNorm(num_groups=32, epsilon=1e-6, use_fast_variance=False, dtype=_float_dtype(dtype),
+                        param_dtype=param_dtype, name=name)
+
+
+def _normalize(norm: nn.GroupNorm, x: jax.Array) -> jax.Array:
+    """x: [B, H, W, C] -> GroupNorm(x) in >= float32 (statistics never in bfloat16)."""
+    return norm(x.astype(norm.dtype))
+
+
+def _conv(features: int, name: str, *, dtype: Dtype, param_dtype: Dtype, kernel_size: int = 3,
+          strides: int = 1, padding: Any = 'SAME', zero_init: bool = False) -> nn.Conv:
+    """The official `conv2d`: kernel [kh, kw, in, out], bias, official init."""
+    return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides), padding=padding,
+                   dtype=dtype, param_dtype=param_dtype, kernel_init=_ZERO_INIT if zero_init else _DEFAULT_INIT,
+                   bias_init=nn.initializers.zeros, name=name)
+
+
+def _dense(features: int, name: str, *, dtype: Dtype, param_dtype: Dtype, zero_init: bool = False) -> nn.Dense:
+    """The official `dense` / `nin` (per-pixel dense): kernel [in, out], bias, official init."""
+    return nn.Dense(features, dtype=dtype, param_dtype=param_dtype,
+                    kernel_init=_ZERO_INIT if zero_init else _DEFAULT_INIT,
+                    bias_init=nn.initializers.zeros, name=name)
+
+
+class ResnetBlock(nn.Module):
+    """Official `resnet_block` (unet.py:37-63); submodules norm1, conv1, temb_proj, norm2, conv2, nin_shortcut.
+
+    x: [B, H, W, C_in], temb: [B, 4ch] -> [B, H, W, out_ch] in `dtype`.
+    """
+    out_ch: int
+    dropout: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = nn.swish(_normalize(_group_norm('norm1', **kw), x)).astype(self.dtype)
+        h = _conv(self.out_ch, 'conv1', **kw)(h)
+        h = h + _dense(self.out_ch, 'temb_proj', **kw)(nn.swish(temb))[:, None, None, :]
+        h = nn.swish(_normalize(_group_norm('norm2', **kw), h)).astype(self.dtype)
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = _conv(self.out_ch, 'conv2', zero_init=True, **kw)(h)
+        if x.shape[-1] != self.out_ch:
+            x = _dense(self.out_ch, 'nin_shortcut', **kw)(x)
+        return x.astype(self.dtype) + h
+
+
+class AttnBlock(nn.Module):
+    """Official `attn_block` (unet.py:66-84): single-head self-attention over all H*W positions.
+
+    Submodules norm, q, k, v, proj_out. x: [B, H, W, C] -> [B, H, W, C] in `dtype`; softmax in >= float32.
+    """
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        batch, height, width, channels = x.shape
+        h = _normalize(_group_norm('norm', **kw), x).astype(self.dtype)
+        q = _dense(channels, 'q', **kw)(h).reshape(batch, height * width, channels)
+        k = _dense(channels, 'k', **kw)(h).reshape(batch, height * width, channels)
+        v = _dense(channels, 'v', **kw)(h).reshape(batch, height * width, channels)
+        softmax_dtype = _float_dtype(self.dtype)
+        logits = jnp.einsum('bqc,bkc->bqk', q, k, preferred_element_type=softmax_dtype) * (channels ** -0.5)
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        h = jnp.einsum('bqk,bkc->bqc', weights, v).reshape(batch, height, width, channels)
+        h = _dense(channels, 'proj_out', zero_init=True, **kw)(h)
+        return x.astype(self.dtype) + h
+
+
+class Downsample(nn.Module):
+    """Official `downsample`: 3x3 stride-2 conv `conv` with TF 'SAME' padding (0 before, 1 after), or 2x2 avg-pool.
+
+    x: [B, H, W, C] (H, W even) -> [B, H/2, W/2, C].
+    """
+    with_conv: bool
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.with_conv:
+            return _conv(x.shape[-1], 'conv', strides=2, padding=((0, 1), (0, 1)),
+                         dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class Upsample(nn.Module):
+    """Official `upsample`: nearest-neighbour x2 (pixel repetition), then a 3x3 conv `conv` if with_conv.
+
+    x: [B, H, W, C] -> [B, 2H, 2W, C].
+    """
+    with_conv: bool
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        if self.with_conv:
+            x = _conv(x.shape[-1], 'conv', dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        return x
+
+
+class TimestepEmbed(nn.Module):
+    """Official temb: sinusoidal(t, ch) -> dense0 (4ch) -> swish -> dense1 (4ch). t: [B] int -> [B, 4ch]."""
+    ch: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, t: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        emb = get_timestep_embedding(t, self.ch, _float_dtype(self.dtype))
+        emb = nn.swish(_dense(4 * self.ch, 'dense0', **kw)(emb))
+        return _dense(4 * self.ch, 'dense1', **kw)(emb)
+
+
+class DownLevel(nn.Module):
+    """One encoder level `down_{i}`: block_j (+ attn_j) for j < num_res_blocks, then `downsample` if requested.
+
+    Returns the list of outputs pushed onto the skip stack: each block's (or attention's) output and,
+    if present, the downsampled tensor.
+    """
+    out_ch: int
+    num_res_blocks: int
+    use_attn: bool
+    add_downsample: bool
+    resamp_with_conv: bool
+    dropout: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, h: jax.Array, temb: jax.Array, *, train: bool) -> list[jax.Array]:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        outputs = []
+        for j in range(self.num_res_blocks):
+            h = ResnetBlock(self.out_ch, self.dropout, **kw, name=f'block_{j}')(h, temb, train=train)
+            if self.use_attn:
+                h = AttnBlock(**kw, name=f'attn_{j}')(h)
+            outputs.append(h)
+        if self.add_downsample:
+            outputs.append(Downsample(self.resamp_with_conv, **kw, name='downsample')(h))
+        return outputs
+
+
+class MidLevel(nn.Module):
+    """The middle `mid`: block_1, attn_1 (always present), block_2; channels unchanged."""
+    dropout: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, h: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        channels = h.shape[-1]
+        h = ResnetBlock(channels, self.dropout, **kw, name='block_1')(h, temb, train=train)
+        h = AttnBlock(**kw, name='attn_1')(h)
+        return ResnetBlock(channels, self.dropout, **kw, name='block_2')(h, temb, train=train)
+
+
+class UpLevel(nn.Module):
+    """One decoder level `up_{i}`: block_j(concat[h, skip]) (+ attn_j) for j <= num_res_blocks, then `upsample`.
+
+    skips: the num_res_blocks + 1 skip tensors in the order they are consumed (most recent first).
+    """
+    out_ch: int
+    num_res_blocks: int
+    use_attn: bool
+    add_upsample: bool
+    resamp_with_conv: bool
+    dropout: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, h: jax.Array, skips: Sequence[jax.Array], temb: jax.Array, *, train: bool) -> jax.Array:
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        for j, skip in enumerate(skips):
+            h = jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)
+            h = ResnetBlock(self.out_ch, self.dropout, **kw, name=f'block_{j}')(h, temb, train=train)
+            if self.use_attn:
+                h = AttnBlock(**kw, name=f'attn_{j}')(h)
+        if self.add_upsample:
+            h = Upsample(self.resamp_with_conv, **kw, name='upsample')(h)
+        return h
+
+
+class UNet(nn.Module):
+    """The DDPM U-Net (official `unet.model`, SPEC.md section 4).
+
+    Called as `model.apply({'params': p}, x, t, train=bool, rngs={'dropout': key})` with
+    x: [B, H, W, C] float in [-1, 1] (H = W, divisible by 2**(len(ch_mult) - 1)), t: [B] int in {0..T-1};
+    returns [B, H, W, out_ch] in `promote_types(dtype, float32)` (float32 for float32/bfloat16 compute).
+    Dropout (rate `dropout`, inside resblocks only) is active when train=True and uses the 'dropout' rng.
+    """
+    ch: int
+    out_ch: int
+    ch_mult: Sequence[int]
+    num_res_blocks: int
+    attn_resolutions: Sequence[int]
+    dropout: float = 0.0
+    resamp_with_conv: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, t: jax.Array, *, train: bool) -> jax.Array:
+        batch, height, width, _ = x.shape
+        num_levels = len(self.ch_mult)
+        if height != width or height % 2 ** (num_levels - 1):
+            raise ValueError(f'x must be square with a side divisible by 2**(len(ch_mult) - 1) = '
+                             f'{2 ** (num_levels - 1)}, got shape {x.shape}')
+        if t.shape != (batch,):
+            raise ValueError(f't must have shape [B] = ({batch},), got {t.shape}')
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        common = dict(num_res_blocks=self.num_res_blocks, resamp_with_conv=self.resamp_with_conv,
+                      dropout=self.dropout, **kw)
+
+        temb = TimestepEmbed(self.ch, **kw, name='temb')(t)
+        hs = [_conv(self.ch, 'conv_in', **kw)(x.astype(self.dtype))]
+        for i, mult in enumerate(self.ch_mult):
+            resolution = height // 2 ** i
+            hs += DownLevel(self.ch * mult, use_attn=resolution in self.attn_resolutions,
+                            add_downsample=i != num_levels - 1, **common, name=f'down_{i}')(hs[-1], temb, train=train)
+
+        h = MidLevel(self.dropout, **kw, name='mid')(hs[-1], temb, train=train)
+
+        for i in reversed(range(num_levels)):
+            resolution = height // 2 ** i
+            skips = [hs.pop() for _ in range(self.num_res_blocks + 1)]
+            h = UpLevel(self.ch * self.ch_mult[i], use_attn=resolution in self.attn_resolutions,
+                        add_upsample=i != 0, **common, name=f'up_{i}')(h, skips, temb, train=train)
+        assert not hs, 'every skip connection must be consumed'
+
+        h = nn.swish(_normalize(_group_norm('norm_out', **kw), h)).astype(self.dtype)
+        h = _conv(self.out_ch, 'conv_out', zero_init=True, **kw)(h)
+        return h.astype(_float_dtype(self.dtype))
+
+
+def create_model(config) -> UNet:
+    """The UNet of `config.model` with out_ch = config.data.channels (doubled for a learned variance).
+
+    config.model.dtype is the compute dtype: 'float32' or 'bfloat16'.
+    """
+    if config.model.dtype not in _COMPUTE_DTYPES:
+        raise ValueError(f'config.model.dtype={config.model.dtype!r}; allowed: {sorted(_COMPUTE_DTYPES)}')
+    out_ch = config.data.channels
+    if config.diffusion.model_var_type in _LEARNED_VAR_TYPES:
+        out_ch *= 2
+    return UNet(ch=config.model.ch, out_ch=out_ch, ch_mult=tuple(config.model.ch_mult),
+                num_res_blocks=config.model.num_res_blocks, attn_resolutions=tuple(config.model.attn_resolutions),
+                dropout=config.model.dropout, resamp_with_conv=config.model.resamp_with_conv,
+                dtype=_COMPUTE_DTYPES[config.model.dtype])
