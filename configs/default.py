@@ -61,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
     training.keep_every = 50_000        # checkpoints at multiples of this are kept for evaluation (0: none)
     training.sample_every_steps = 10_000
     training.num_grid_samples = 64      # images in the PNG sample grid written while training
+    training.steps_per_dispatch = 1     # train steps per compiled call (lax.scan); metrics fetched per call
 
     sampling = config.sampling = ml_collections.ConfigDict()
     sampling.clip_denoised = True

@@ -1,0 +1,332 @@
+"""Checkpoints: an orbax CheckpointManager in `workdir/checkpoints`.
+
+Each step directory holds three items, so evaluation can read the EMA params alone:
+  ema_params   the EMA params (what sampling and evaluation use)
+  train_state  {step, params, opt_state} (absent in params-only checkpoints from the converter)
+  meta         JSON: package version, kind ('train' | 'params_only'), step, the config, and an
+               integer checksum of every saved item, checked on restore.
+
+Orbax writes each step to a temporary directory and renames it when complete, so a save that
+is interrupted never replaces the last good checkpoint. A checkpoint that fails to restore or
+whose checksum does not match is moved to `workdir/checkpoints_corrupt/` with a warning and
+the previous one is used; when none is good, restoring raises an error instead of starting over.
+"""
+import hashlib
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from ddpm_jax import parallel
+
+ITEM_EMA = 'ema_params'
+ITEM_STATE = 'train_state'
+ITEM_META = 'meta'
+KIND_TRAIN = 'train'
+KIND_PARAMS_ONLY = 'params_only'
+
+# Config entries a checkpoint is tied to: the params' shapes and meaning depend on them.
+_COMPATIBILITY_KEYS = ('model', 'diffusion', 'data.image_size', 'data.channels')
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint that cannot be read back or whose content does not match its checksum."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+def package_version() -> str:
+    try:
+        from importlib import metadata  # pylint: disable=g-import-not-at-top
+        return metadata.version('ddpm_jax')
+    except Exception:  # pylint: disable=broad-except
+        return 'unknown'
+
+
+def make_manager(workdir: str, config: Optional[ml_collections.ConfigDict] = None, *,
+                 read_only: bool = False) -> ocp.CheckpointManager:
+    """The manager of `workdir/checkpoints`.
+
+    Keeps the latest `config.training.keep_latest` steps plus every multiple of
+    `config.training.keep_every` (0: none). Saves are asynchronous; the loop decides when to save.
+    """
+    policies = []
+    if config is not None:
+        policies.append(ocp.checkpoint_managers.LatestN(n=max(1, int(config.training.keep_latest))))
+        if config.training.keep_every > 0:
+            policies.append(ocp.checkpoint_managers.EveryNSteps(interval_steps=int(config.training.keep_every)))
+    options = ocp.CheckpointManagerOptions(
+        create=not read_only,
+        read_only=read_only,
+        enable_async_checkpointing=True,
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies) if policies else None,
+    )
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                                 item_names=(ITEM_EMA, ITEM_STATE, ITEM_META))
+
+
+# ----------------------------------------------------------------------------------------------
+# Integrity: a digest of the saved bits, checked on restore.
+
+def tree_checksum(tree: Any) -> str:
+    """Hex BLAKE2 digest of a pytree's leaves (raw bytes, dtypes and shapes, in tree order).
+
+    Computed on a host copy (the state is replicated, so any process can compute it).
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for leaf in jax.tree.leaves(parallel.to_host(tree)):
+        leaf = np.ascontiguousarray(leaf)
+        digest.update(f'{leaf.dtype.str}{leaf.shape}'.encode())
+        digest.update(leaf.tobytes())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Config compatibility.
+
+def _config_dict(config: Any) -> dict:
+    """A JSON-normal dict of a ConfigDict (tuples become lists)."""
+    if isinstance(config, ml_collections.ConfigDict):
+        config = config.to_dict()
+    return json.loads(json.dumps(config, default=str))
+
+
+def _select(config: dict, dotted: str) -> Any:
+    for part in dotted.split('.'):
+        config = config.get(part, {}) if isinstance(config, dict) else None
+    return config
+
+
+def _flatten(value: Any, prefix: str) -> dict:
+    if isinstance(value, dict):
+        flat = {}
+        for key, sub in value.items():
+            flat.update(_flatten(sub, f'{prefix}.{key}'))
+        return flat
+    return {prefix: value}
+
+
+def check_compatible(saved_config: dict, config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming every config entry that makes a checkpoint unusable with `config`."""
+    saved, current = _config_dict(saved_config), _config_dict(config)
+    differing = []
+    for key in _COMPATIBILITY_KEYS:
+        old, new = _flatten(_select(saved, key), key), _flatten(_select(current, key), key)
+        for name in sorted(set(old) | set(new)):
+            if old.get(name) != new.get(name):
+                differing.append(f'{name}: checkpoint {old.get(name)!r} vs config {new.get(name)!r}')
+    if differing:
+        raise ValueError(
+            'The checkpoint was written with a different model/diffusion/data shape than the config: '
+            + '; '.join(differing)
+            + '. Use the config the checkpoint was trained with, or a fresh --workdir.')
+
+
+def make_meta(config: ml_collections.ConfigDict, step: int, kind: str, checksums: dict) -> dict:
+    return dict(package_version=package_version(), kind=kind, step=int(step), config=_config_dict(config),
+                checksums=dict(checksums))
+
+
+# ----------------------------------------------------------------------------------------------
+# Save.
+
+def save_state(manager: ocp.CheckpointManager, state: Any, config: ml_collections.ConfigDict) -> int:
+    """Starts an asynchronous save of a TrainState (fields step, params, ema_params, opt_state).
+
+    Returns the step saved. The arrays are copied off the devices before this returns, so the
+    state may be donated to the next train step right away.
+    """
+    step = int(parallel.to_host(state.step))
+    train_state = dict(step=state.step, params=state.params, opt_state=state.opt_state)
+    checksums = {ITEM_STATE: tree_checksum(train_state), ITEM_EMA: tree_checksum(state.ema_params)}
+    meta = make_meta(config, step, KIND_TRAIN, checksums)
+    manager.save(step, force=True, args=ocp.args.Composite(**{
+        ITEM_STATE: ocp.args.StandardSave(train_state),
+        ITEM_EMA: ocp.args.StandardSave(state.ema_params),
+        ITEM_META: ocp.args.JsonSave(meta),
+    }))
+    return step
+
+
+def save_params_only(workdir: str, params: Any, config: ml_collections.ConfigDict, step: int) -> None:
+    """Writes a checkpoint with only EMA params and meta (no optimizer state), and waits for it.
+
+    Used for released/converted weights; `restore_ema_params` reads it like any checkpoint. The params
+    must have the structure and shapes of the config's model (ValueError naming the first mismatch);
+    they are stored in the model's param dtypes.
+    """
+    from ddpm_jax import train  # pylint: disable=g-import-not-at-top  (train imports this module)
+    expected = jax.eval_shape(lambda: train.init_params(config, jax.random.key(0)))
+    expected_leaves = dict(jax.tree_util.tree_leaves_with_path(expected))
+    given_leaves = dict(jax.tree_util.tree_leaves_with_path(params))
+    if expected_leaves.keys() != given_leaves.keys():
+        missing = sorted(map(jax.tree_util.keystr, expected_leaves.keys() - given_leaves.keys()))
+        extra = sorted(map(jax.tree_util.keystr, given_leaves.keys() - expected_leaves.keys()))
+        raise ValueError(f'params do not fit the config\'s model: missing {missing[:5]}, unexpected {extra[:5]}')
+    for path, leaf in given_leaves.items():
+        if tuple(leaf.shape) != tuple(expected_leaves[path].shape):
+            raise ValueError(f'params{jax.tree_util.keystr(path)} has shape {tuple(leaf.shape)}; the config\'s '
+                             f'model needs {tuple(expected_leaves[path].shape)}')
+    params = jax.tree.map(lambda leaf, want: np.asarray(leaf, dtype=want.dtype), params, expected)
+    manager = make_manager(workdir)
+    meta = make_meta(config, step, KIND_PARAMS_ONLY, {ITEM_EMA: tree_checksum(params)})
+    manager.save(int(step), force=True, args=ocp.args.Composite(**{
+        ITEM_EMA: ocp.args.StandardSave(params),
+        ITEM_META: ocp.args.JsonSave(meta),
+    }))
+    manager.wait_until_finished()
+    manager.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Restore.
+
+def _abstract(tree: Any, sharding: Optional[jax.sharding.Sharding]) -> Any:
+    def leaf(x):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding if sharding is not None else
+                                    getattr(x, 'sharding', None))
+    return jax.tree.map(leaf, tree)
+
+
+def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(**{ITEM_META: ocp.args.JsonRestore()}))
+        meta = restored[ITEM_META]
+    except Exception as error:  # pylint: disable=broad-except
+        raise CorruptCheckpointError(f'step {step}: metadata unreadable ({type(error).__name__}: {error})') from error
+    if not isinstance(meta, dict) or 'config' not in meta or 'checksums' not in meta:
+        raise CorruptCheckpointError(f'step {step}: metadata incomplete: {meta!r:.200}')
+    return meta
+
+
+def _restore_items(manager: ocp.CheckpointManager, step: int, targets: dict) -> dict:
+    """Restores the named items into their abstract targets and verifies their checksums."""
+    meta = _read_meta(manager, step)
+    missing = [name for name in targets if name not in meta['checksums']]
+    if missing:
+        raise ValueError(f'checkpoint step {step} is a {meta.get("kind")!r} checkpoint without {missing}; '
+                         'a params-only checkpoint (from the converter) can be sampled and evaluated but '
+                         'not resumed: train in a fresh --workdir.')
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            **{name: ocp.args.StandardRestore(target) for name, target in targets.items()}))
+    except Exception as error:  # pylint: disable=broad-except
+        raise CorruptCheckpointError(f'step {step}: {type(error).__name__}: {error}') from error
+    for name in targets:
+        if tree_checksum(restored[name]) != meta['checksums'][name]:
+            raise CorruptCheckpointError(f'step {step}: item {name!r} does not match its checksum')
+    return dict(meta=meta, **{name: restored[name] for name in targets})
+
+
+def _quarantine(workdir: str, manager: ocp.CheckpointManager, step: int) -> None:
+    """Moves a corrupt step directory out of the manager's sight (to workdir/checkpoints_corrupt)."""
+    if jax.process_index() == 0:
+        source = os.path.join(checkpoint_dir(workdir), str(step))
+        target_dir = os.path.join(os.path.abspath(workdir), 'checkpoints_corrupt')
+        os.makedirs(target_dir, exist_ok=True)
+        target = os.path.join(target_dir, str(step))
+        suffix = 0
+        while os.path.exists(target):
+            suffix += 1
+            target = os.path.join(target_dir, f'{step}.{suffix}')
+        if os.path.exists(source):
+            os.rename(source, target)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        multihost_utils.sync_global_devices(f'ddpm_jax_quarantine_{step}')
+    manager.reload()
+
+
+def _restore_with_fallback(workdir: str, manager: ocp.CheckpointManager, config: ml_collections.ConfigDict,
+                           targets: dict, step: Optional[int], quarantine: bool) -> Optional[dict]:
+    """Restores `step`, or the newest good step; None when there are no checkpoints."""
+    steps = sorted(manager.all_steps(), reverse=True)
+    if step is not None:
+        if step not in steps:
+            raise FileNotFoundError(f'no checkpoint for step {step} in {checkpoint_dir(workdir)}; '
+                                    f'available steps: {sorted(steps)}')
+        steps = [step]
+    if not steps:
+        return None
+    failures = []
+    for candidate in steps:
+        try:
+            meta = _read_meta(manager, candidate)
+            check_compatible(meta['config'], config)
+            return _restore_items(manager, candidate, targets)
+        except CorruptCheckpointError as error:
+            failures.append(str(error))
+            logging.warning('Checkpoint step %d in %s is unreadable or corrupt (%s); trying the previous one.',
+                            candidate, checkpoint_dir(workdir), error)
+            if quarantine:
+                _quarantine(workdir, manager, candidate)
+    raise CorruptCheckpointError(
+        f'no readable checkpoint in {checkpoint_dir(workdir)}: ' + '; '.join(failures)
+        + '. Remove the damaged step directories (or the workdir) to start over.')
+
+
+def restore_state(workdir: str, manager: ocp.CheckpointManager, state: Any,
+                  config: ml_collections.ConfigDict) -> Optional[Any]:
+    """Restores the newest good checkpoint into the shapes, dtypes and shardings of `state`.
+
+    Args:
+      state: a TrainState (concrete or abstract, e.g. from jax.eval_shape, with shardings) as target.
+    Returns:
+      The restored TrainState, or None when `workdir` holds no checkpoint. Corrupt checkpoints are
+      moved aside with a warning; ValueError when the config is incompatible.
+    """
+    train_target = _abstract(dict(step=state.step, params=state.params, opt_state=state.opt_state), None)
+    targets = {ITEM_STATE: train_target, ITEM_EMA: _abstract(state.ema_params, None)}
+    restored = _restore_with_fallback(workdir, manager, config, targets, None, quarantine=True)
+    if restored is None:
+        return None
+    train_state = restored[ITEM_STATE]
+    return state.replace(step=train_state['step'], params=train_state['params'],
+                         opt_state=train_state['opt_state'], ema_params=restored[ITEM_EMA])
+
+
+def restore_ema_params(workdir: str, config: ml_collections.ConfigDict,
+                       step: Optional[int] = None) -> tuple:
+    """Reads the EMA params of a training or params-only checkpoint, replicated over all devices.
+
+    Args:
+      workdir: the run's workdir (checkpoints in workdir/checkpoints).
+      config: the run's config; ValueError when the checkpoint's model/diffusion/data shape differs.
+      step: the step to read; None reads the newest good one (falling back past corrupt ones).
+    Returns:
+      (params, step).
+    """
+    from ddpm_jax import train  # pylint: disable=g-import-not-at-top  (train imports this module)
+    if not os.path.isdir(checkpoint_dir(workdir)):
+        raise FileNotFoundError(f'no checkpoints directory {checkpoint_dir(workdir)}; train first or pass the '
+                                'workdir of a run (or one written by the converter).')
+    mesh = parallel.make_mesh()
+    target = _abstract(jax.eval_shape(lambda: train.init_params(config, jax.random.key(0))),
+                       parallel.replicated_sharding(mesh))
+    manager = make_manager(workdir, read_only=True)
+    try:
+        restored = _restore_with_fallback(workdir, manager, config, {ITEM_EMA: target}, step, quarantine=False)
+    finally:
+        manager.close()
+    if restored is None:
+        raise FileNotFoundError(f'no checkpoint in {checkpoint_dir(workdir)}')
+    return restored[ITEM_EMA], int(restored['meta']['step'])
+
+
+def latest_step(workdir: str) -> Optional[int]:
+    """The newest step directory in workdir/checkpoints (unverified), or None."""
+    if not os.path.isdir(checkpoint_dir(workdir)):
+        return None
+    manager = make_manager(workdir, read_only=True)
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
+

@@ -1,0 +1,515 @@
+"""Evaluation modes: sample dumps, test-set NLL, and the paper's experiments (Figs. 5-8, Table 4).
+
+Each mode is `mode(config, workdir) -> dict` and is registered in `MODES` for main.py:
+
+* `sample`: config.sampling.num_samples samples from the EMA params (uint8 .npz + PNG grid), sharded over
+  every device of every host, batch by batch, resumable (batch b uses key fold_in(seed key, b)).
+* `eval`: the variational bound in bits/dim over a whole split, every image counted, resumable per batch.
+* `rate_distortion`: Table 4 / Fig. 5 from the per-timestep terms of `eval` (same cached results).
+* `progressive`: Fig. 6, predicted x0 along the reverse process.
+* `shared_xt`: Fig. 7, several samples from p(x0 | x_t) sharing one x_t, for a few t.
+* `interpolate`: Fig. 8, two test images encoded to x_t with the same noise, mixed, decoded from t.
+
+Outputs go under workdir/<mode>_<tag>/ where the tag names the checkpoint step and the settings, so that
+runs with other settings never mix. Only process 0 writes files. Images are stored as uint8 with
+`round((x + 1) * 127.5)` clipped to [0, 255] (the inverse of the data's u / 127.5 - 1).
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from PIL import Image, ImageDraw
+
+from ddpm_jax import diffusion as diffusion_lib
+from ddpm_jax import image_grid
+from ddpm_jax import likelihood
+from ddpm_jax import parallel
+from ddpm_jax import samplers
+
+# Stream ids folded into the seed key, so that sampling, evaluation and each experiment draw independent noise.
+SAMPLE_STREAM, NLL_STREAM, EXPERIMENT_STREAM = 1, 2, 3
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+def to_uint8(x: jax.Array) -> jax.Array:
+    """On device: x [..., C] in [-1, 1] -> uint8 (the same rounding as image_grid.to_uint8)."""
+    return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+def save_grid_png(path: str, images: np.ndarray, num_columns: int, min_size: int = 256) -> None:
+    """images: uint8 [N, H, W, C] (C = 1 or 3) as one grid PNG, upscaled (nearest) to at least min_size."""
+    image = image_grid.make_grid(images, num_columns=num_columns)
+    scale = max(1, -(-min_size // max(image.shape[:2])))
+    image = np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+
+
+def line_plot_png(path: str, xs: np.ndarray, ys: np.ndarray, *, title: str, xlabel: str, ylabel: str,
+                  size=(480, 360)) -> None:
+    """A minimal line plot (pillow only): xs, ys: [n] float; axes with min/max tick labels."""
+    xs, ys = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
+    width, height = size
+    left, right, top, bottom = 70, 20, 30, 50
+    image = Image.new('RGB', size, 'white')
+    draw = ImageDraw.Draw(image)
+    x_lo, x_hi = xs.min(), xs.max() if xs.max() > xs.min() else xs.min() + 1
+    y_lo, y_hi = ys.min(), ys.max() if ys.max() > ys.min() else ys.min() + 1
+
+    def point(x, y):
+        return (left + (x - x_lo) / (x_hi - x_lo) * (width - left - right),
+                height - bottom - (y - y_lo) / (y_hi - y_lo) * (height - top - bottom))
+
+    draw.rectangle([left, top, width - right, height - bottom], outline='black')
+    draw.line([point(x, y) for x, y in zip(xs, ys)], fill='blue', width=2)
+    draw.text((left, 8), title, fill='black')
+    draw.text(((width - left) // 2, height - 20), xlabel, fill='black')
+    draw.text((4, 4), ylabel, fill='black')
+    for value, (px, _) in [(x_lo, point(x_lo, y_lo)), (x_hi, point(x_hi, y_lo))]:
+        draw.text((px - 10, height - bottom + 4), f'{value:.4g}', fill='black')
+    for value, (_, py) in [(y_lo, point(x_lo, y_lo)), (y_hi, point(x_lo, y_hi))]:
+        draw.text((4, py - 6), f'{value:.4g}', fill='black')
+    image.save(path)
+
+
+def _atomic_savez(path: str, **arrays) -> None:
+    tmp = path + '.tmp.npz'
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _write_csv(path: str, header: list[str], rows) -> None:
+    with open(path, 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _prepare_dir(path: str, settings: dict) -> str:
+    """Creates `path` with settings.json; raises if it exists with other settings (stale results)."""
+    meta_path = os.path.join(path, 'settings.json')
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+        if old != settings:
+            raise ValueError(f'{path} holds results made with other settings {old}, not {settings}; '
+                             'delete it or use another workdir.')
+    elif jax.process_index() == 0:
+        os.makedirs(path, exist_ok=True)
+        _write_json(meta_path, settings)
+    return path
+
+
+def _seed_key(config, stream: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.PRNGKey(config.seed), stream)
+
+
+def _checkpoint_step(config):
+    step = config.eval.checkpoint_step
+    return None if step is None or step < 0 else int(step)
+
+
+def load_model(config, workdir: str):
+    """(apply_fn(params, x, t) -> output, EMA params, checkpoint step) of the checkpoint config.eval selects."""
+    from ddpm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    from ddpm_jax.models import unet  # pylint: disable=g-import-not-at-top
+    params, step = checkpoint.restore_ema_params(workdir, config, step=_checkpoint_step(config))
+    model = unet.create_model(config)
+
+    def apply_fn(params, x, t):
+        return model.apply({'params': params}, x, t, train=False)
+
+    return apply_fn, params, int(step)
+
+
+def _constrained_model_fn(apply_fn, params, sharding):
+    """model_fn whose input batch is split over the mesh (the batch axis of every step is data-parallel)."""
+    def model_fn(x, t):
+        x = jax.lax.with_sharding_constraint(x, sharding)
+        return apply_fn(params, x, t)
+    return model_fn
+
+
+def _replicated(params, mesh):
+    """params whole on every device of the mesh (a no-op for the output of restore_ema_params)."""
+    sharding = parallel.replicated_sharding(mesh)
+
+    def put(x):
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+            return x
+        return parallel.replicate(x, mesh)
+
+    return jax.tree.map(put, params)
+
+
+def _image_shape(config):
+    return (config.data.image_size, config.data.image_size, config.data.channels)
+
+
+# ----------------------------------------------------------------------------------------------- sample
+
+def sampler_tag(config) -> str:
+    """Names the sampler settings: e.g. 'ancestral1000', 'ddim50_eta0.0'."""
+    sampling = config.sampling
+    steps = sampling.num_steps or config.diffusion.num_diffusion_timesteps
+    tag = f'{sampling.sampler}{steps}'
+    if sampling.sampler == 'ddim':
+        tag += f'_eta{float(sampling.ddim_eta)}'
+    return tag
+
+
+def generate_samples(config, out_dir: str, apply_fn: Callable, params, *, max_batches: int | None = None) -> dict:
+    """Writes out_dir/batch_XXXXX.npz (uint8 [B,H,W,C]) for every batch not yet written, then samples.npz.
+
+    Batch b is `sample_fn(model_fn, [B,H,W,C], fold_in(seed key, b))`, B = config.sampling.batch_size (global,
+    split over all devices), so a restarted run produces the same samples. `max_batches` stops after that many
+    new batches (simulates an interruption). Returns dict(path, num_samples, complete).
+    """
+    sampling = config.sampling
+    num_samples, batch_size = int(sampling.num_samples), int(sampling.batch_size)
+    if num_samples <= 0:
+        raise ValueError(f'config.sampling.num_samples={num_samples} must be positive')
+    mesh = parallel.make_mesh()
+    parallel.check_global_batch(batch_size, mesh)
+    sharding = parallel.data_sharding(mesh)
+    sample_fn = samplers.make_sampler(config)
+    shape = (batch_size,) + _image_shape(config)
+
+    @jax.jit
+    def sample_batch(params, rng):
+        x = sample_fn(_constrained_model_fn(apply_fn, params, sharding), shape, rng)
+        return jax.lax.with_sharding_constraint(to_uint8(x), sharding)
+
+    params = _replicated(params, mesh)
+    base_key = _seed_key(config, SAMPLE_STREAM)
+    num_batches = -(-num_samples // batch_size)
+    batch_path = lambda b: os.path.join(out_dir, f'batch_{b:05d}.npz')
+    todo = [b for b in range(num_batches) if not os.path.exists(batch_path(b))]
+    if jax.process_count() > 1:  # every process must run the same batches (collectives)
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        mask = np.zeros(num_batches, np.int32)
+        mask[todo] = 1
+        mask = multihost_utils.broadcast_one_to_all(mask)
+        todo = [b for b in range(num_batches) if mask[b]]
+    if max_batches is not None:
+        todo = todo[:max_batches]
+    for b in todo:
+        images = parallel.to_host(sample_batch(params, jax.random.fold_in(base_key, b)))
+        if jax.process_index() == 0:
+            _atomic_savez(batch_path(b), samples=images)
+        logging.info('sample batch %d / %d written', b + 1, num_batches)
+    complete = all(os.path.exists(batch_path(b)) for b in range(num_batches))
+    result = dict(path=os.path.join(out_dir, 'samples.npz'), num_samples=num_samples, complete=complete)
+    if complete and jax.process_index() == 0:
+        samples = np.concatenate([np.load(batch_path(b))['samples'] for b in range(num_batches)])[:num_samples]
+        _atomic_savez(result['path'], samples=samples)
+        grid_n = min(num_samples, 100)
+        save_grid_png(os.path.join(out_dir, 'samples_grid.png'), samples[:grid_n], int(np.ceil(grid_n ** 0.5)))
+    return result
+
+
+def sample(config, workdir: str, *, max_batches: int | None = None) -> dict:
+    """Mode 'sample': workdir/samples_step<S>_<sampler>_seed<seed>/{batch_*.npz, samples.npz, samples_grid.png}."""
+    apply_fn, params, step = load_model(config, workdir)
+    tag = f'step{step}_{sampler_tag(config)}_seed{config.seed}'
+    settings = dict(step=step, sampler=config.sampling.sampler, num_steps=int(config.sampling.num_steps),
+                    ddim_eta=float(config.sampling.ddim_eta), clip_denoised=bool(config.sampling.clip_denoised),
+                    batch_size=int(config.sampling.batch_size), seed=int(config.seed))
+    out_dir = _prepare_dir(os.path.join(workdir, f'samples_{tag}'), settings)
+    result = generate_samples(config, out_dir, apply_fn, params, max_batches=max_batches)
+    result['step'] = step
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- NLL
+
+def nll_batches(config, out_dir: str, apply_fn: Callable, params, split: str, *,
+                max_batches: int | None = None) -> bool:
+    """Runs calc_bpd_loop over `split` batch by batch, writing out_dir/batch_XXXXX.npz with, for the real
+    images of the batch only: total_bpd [b], prior_bpd [b], terms_bpd [b,T], mse [b,T] (float32).
+    Existing batch files are skipped. Returns True when every batch is written."""
+    from ddpm_jax import data  # pylint: disable=g-import-not-at-top
+    batch_size = int(config.eval.batch_size)
+    mesh = parallel.make_mesh()
+    parallel.check_global_batch(batch_size, mesh)
+    sharding = parallel.data_sharding(mesh)
+    d = diffusion_lib.diffusion_from_config(config)
+    clip = bool(config.sampling.clip_denoised)
+
+    @jax.jit
+    def bpd_batch(params, x, rng):
+        out = likelihood.calc_bpd_loop(d, _constrained_model_fn(apply_fn, params, sharding), x, rng,
+                                       clip_denoised=clip)
+        return {k: jax.lax.with_sharding_constraint(v, sharding) for k, v in out.items()}
+
+    params = _replicated(params, mesh)
+    base_key = _seed_key(config, NLL_STREAM)
+    ran = 0
+    batch_path = lambda b: os.path.join(out_dir, f'batch_{b:05d}.npz')
+    for b, (images, mask) in enumerate(data.eval_batches(config, split, batch_size,
+                                                         process_index=jax.process_index(),
+                                                         process_count=jax.process_count(),
+                                                         num_images=int(config.eval.num_images) or None)):
+        if os.path.exists(batch_path(b)):  # the processes share the workdir
+            continue
+        if max_batches is not None and ran >= max_batches:
+            return False
+        x = parallel.shard_batch(np.asarray(images, np.float32), mesh)
+        global_mask = parallel.to_host(parallel.shard_batch(np.asarray(mask, bool), mesh))
+        out = parallel.to_host(bpd_batch(params, x, jax.random.fold_in(base_key, b)))
+        if jax.process_index() == 0:
+            _atomic_savez(batch_path(b), **{k: np.asarray(v, np.float32)[global_mask] for k, v in out.items()})
+        ran += 1
+        logging.info('NLL batch %d done (%d real images)', b, int(global_mask.sum()))
+    return True
+
+
+def load_nll_results(out_dir: str) -> dict:
+    """Concatenates the batch files of `nll_batches`: total_bpd [N], prior_bpd [N], terms_bpd [N,T], mse [N,T]."""
+    paths = sorted(glob.glob(os.path.join(out_dir, 'batch_*.npz')))
+    if not paths:
+        raise FileNotFoundError(f'no NLL batch files in {out_dir}; run --mode=eval first')
+    parts = [dict(np.load(p)) for p in paths]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def summarize_nll(results: dict) -> dict:
+    """Mean bound with its standard error and the averaged terms (paper indexing: L_0 = code t=0 decoder,
+    L_t = code term t for t >= 1, L_T = prior)."""
+    total = results['total_bpd'].astype(np.float64)
+    terms = results['terms_bpd'].astype(np.float64)
+    prior = results['prior_bpd'].astype(np.float64)
+    n = total.shape[0]
+    return dict(
+        num_images=int(n),
+        nll_bpd=float(total.mean()),
+        nll_bpd_stderr=float(total.std(ddof=1) / np.sqrt(n)) if n > 1 else float('nan'),
+        distortion_L0_bpd=float(terms[:, 0].mean()),
+        rate_L1_to_LT_bpd=float((terms[:, 1:].sum(axis=1) + prior).mean()),
+        prior_LT_bpd=float(prior.mean()),
+        terms_bpd_mean=terms.mean(axis=0).tolist(),
+        mse_mean=results['mse'].astype(np.float64).mean(axis=0).tolist(),
+    )
+
+
+def _nll_dir(config, workdir: str, step: int) -> tuple[str, str]:
+    split = config.eval.split or config.data.eval_split
+    tag = f'{split}_step{step}_seed{config.seed}'
+    settings = dict(split=split, step=step, seed=int(config.seed), batch_size=int(config.eval.batch_size),
+                    num_images=int(config.eval.num_images), clip_denoised=bool(config.sampling.clip_denoised))
+    return _prepare_dir(os.path.join(workdir, f'nll_{tag}'), settings), split
+
+
+def run_nll(config, workdir: str, *, max_batches: int | None = None, model=None) -> tuple[dict | None, str]:
+    """Computes (or resumes) the NLL batches; returns (summary or None when interrupted, out_dir)."""
+    apply_fn, params, step = model or load_model(config, workdir)
+    out_dir, split = _nll_dir(config, workdir, step)
+    if not nll_batches(config, out_dir, apply_fn, params, split, max_batches=max_batches):
+        return None, out_dir
+    summary = summarize_nll(load_nll_results(out_dir))
+    summary.update(split=split, step=step)
+    if jax.process_index() == 0:
+        _write_json(os.path.join(out_dir, 'nll.json'), summary)
+    return summary, out_dir
+
+
+def evaluate_nll(config, workdir: str, *, max_batches: int | None = None) -> dict | None:
+    """Mode 'eval': workdir/nll_<split>_step<S>_seed<seed>/nll.json (see summarize_nll)."""
+    summary, out_dir = run_nll(config, workdir, max_batches=max_batches)
+    if summary is not None:
+        logging.info('NLL %s: %.5f +- %.5f bits/dim over %d images (%s)', summary['split'], summary['nll_bpd'],
+                     summary['nll_bpd_stderr'], summary['num_images'], out_dir)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------- experiments
+
+def rate_distortion_curve(terms_bpd: np.ndarray, prior_bpd: np.ndarray, mse: np.ndarray) -> dict:
+    """Table 4 / Fig. 5 from per-image terms.
+
+    terms_bpd, mse: [N, T] (mse of the clipped x0 prediction from x_t, data in [-1, 1]); prior_bpd: [N].
+    Reverse step k = 1..T has the receiver holding x_t, code t = T - k: rate(k) = mean prior + sum over
+    s = t+1..T-1 of the mean term s (bits received: L_T, L_{T-1}, ..., L_{t+1} in paper indexing), and
+    distortion(k) = sqrt(mean over images and dims of mse[:, t]) * 127.5 (RMSE on the 0-255 scale).
+    Returns dict(reverse_step [T], timestep [T], rate_bpd [T], distortion_rmse [T]) in reverse-step order.
+    """
+    terms = np.asarray(terms_bpd, np.float64).mean(axis=0)
+    mse_mean = np.asarray(mse, np.float64).mean(axis=0)
+    num_timesteps = terms.shape[0]
+    timestep = num_timesteps - np.arange(1, num_timesteps + 1)
+    # received_after[t] = sum_{s > t} terms[s]
+    received_after = np.concatenate([np.cumsum(terms[::-1])[::-1][1:], [0.0]])
+    return dict(reverse_step=np.arange(1, num_timesteps + 1), timestep=timestep,
+                rate_bpd=np.mean(np.asarray(prior_bpd, np.float64)) + received_after[timestep],
+                distortion_rmse=np.sqrt(mse_mean[timestep]) * 127.5)
+
+
+def rate_distortion(config, workdir: str) -> dict:
+    """Mode 'rate_distortion': runs/reuses the eval NLL batches, writes rate_distortion.csv (every reverse step),
+    table4.csv (every T/10 steps, as the paper's Table 4) and three line plots."""
+    summary, out_dir = run_nll(config, workdir)
+    curve = rate_distortion_curve(**{k: v for k, v in load_nll_results(out_dir).items()
+                                     if k in ('terms_bpd', 'prior_bpd', 'mse')})
+    if jax.process_index() == 0:
+        header = ['reverse_step', 'timestep', 'rate_bpd', 'distortion_rmse']
+        rows = list(zip(*(curve[k].tolist() for k in header)))
+        _write_csv(os.path.join(out_dir, 'rate_distortion.csv'), header, rows)
+        num_timesteps = len(rows)
+        every = max(num_timesteps // 10, 1)
+        _write_csv(os.path.join(out_dir, 'table4.csv'), header, rows[every - 1::every][::-1])
+        line_plot_png(os.path.join(out_dir, 'rate_vs_step.png'), curve['reverse_step'], curve['rate_bpd'],
+                      title='rate (bits/dim)', xlabel='reverse steps', ylabel='bits/dim')
+        line_plot_png(os.path.join(out_dir, 'distortion_vs_step.png'), curve['reverse_step'],
+                      curve['distortion_rmse'], title='distortion (RMSE, 0-255)', xlabel='reverse steps',
+                      ylabel='RMSE')
+        line_plot_png(os.path.join(out_dir, 'distortion_vs_rate.png'), curve['rate_bpd'], curve['distortion_rmse'],
+                      title='rate-distortion', xlabel='rate (bits/dim)', ylabel='RMSE')
+    return dict(out_dir=out_dir, nll=summary, **{k: v.tolist() for k, v in curve.items()})
+
+
+def _experiment_setup(config, workdir, name):
+    apply_fn, params, step = load_model(config, workdir)
+    d = diffusion_lib.diffusion_from_config(config)
+    out_dir = os.path.join(workdir, f'{name}_step{step}_seed{config.seed}')
+    if jax.process_index() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+    return d, apply_fn, jax.tree.map(jnp.asarray, parallel.to_host(params)), step, out_dir
+
+
+def _default_timesteps(num_timesteps: int) -> list[int]:
+    """Code timesteps at 1/4, 1/2, 3/4 and all of T: e.g. 249, 499, 749, 999 for T = 1000."""
+    return sorted({max(num_timesteps * k // 4 - 1, 0) for k in (1, 2, 3, 4)})
+
+
+def progressive(config, workdir: str) -> dict:
+    """Mode 'progressive' (Fig. 6): pred_x0 every `freq` steps of the reverse process for a few samples.
+
+    config.eval.num_progressive (default 8) rows; columns: pred_x0 at t = T - freq, ..., 0 (slot n of
+    p_sample_loop_progressive holds t = n*freq), then the sample. Writes progressive.png and .csv."""
+    d, apply_fn, params, step, out_dir = _experiment_setup(config, workdir, 'progressive')
+    num_timesteps = d.num_timesteps
+    freq = int(config.eval.progressive_freq) or max(num_timesteps // 10, 1)
+    num = int(config.eval.num_progressive)
+    shape = (num,) + _image_shape(config)
+    run = jax.jit(lambda params, rng: diffusion_lib.p_sample_loop_progressive(
+        d, lambda x, t: apply_fn(params, x, t), shape, rng, freq=freq, clip_denoised=bool(config.sampling.clip_denoised)))
+    final, pred_xstart = run(params, _seed_key(config, EXPERIMENT_STREAM))
+    slots = pred_xstart.shape[1]
+    order = list(range(slots - 1, -1, -1))
+    frames = jnp.concatenate([pred_xstart[:, order], final[:, None]], axis=1)  # [num, slots + 1, H, W, C]
+    images = np.asarray(to_uint8(frames))
+    path = os.path.join(out_dir, 'progressive.png')
+    if jax.process_index() == 0:
+        save_grid_png(path, images.reshape((-1,) + images.shape[2:]), slots + 1, min_size=512)
+        _write_csv(os.path.join(out_dir, 'progressive.csv'), ['column', 'timestep', 'what'],
+                   [(c, n * freq, 'pred_x0') for c, n in enumerate(order)] + [(slots, 0, 'sample')])
+    return dict(png=path, timesteps=[n * freq for n in order], step=step)
+
+
+def shared_xt_samples(d, model_fn, shape, rng, t: int, num_shared: int, *, clip_denoised=True):
+    """Fig. 7: one chain from x_T down to x_t (code t), then `num_shared` independent continuations to x_0.
+
+    shape: [H, W, C]. Returns (x_t [1,H,W,C], samples [num_shared,H,W,C]). Noise: x_T from fold_in(rng, 0),
+    the shared chain from fold_in(rng, 1), the continuations from fold_in(rng, 2)."""
+    num_timesteps = d.num_timesteps
+    x_big_t = jax.random.normal(jax.random.fold_in(rng, 0), (1,) + tuple(shape))
+    x_t = samplers.p_sample_range(d, model_fn, x_big_t, jax.random.fold_in(rng, 1), t_start=num_timesteps - 1,
+                                  t_stop=t + 1, clip_denoised=clip_denoised)
+    branches = jnp.broadcast_to(x_t, (num_shared,) + tuple(shape))
+    samples = samplers.p_sample_range(d, model_fn, branches, jax.random.fold_in(rng, 2), t_start=t, t_stop=0,
+                                      clip_denoised=clip_denoised)
+    return x_t, samples
+
+
+def shared_xt(config, workdir: str) -> dict:
+    """Mode 'shared_xt' (Fig. 7): per row a t (config.eval.shared_xt_timesteps, code indexing; default
+    T/4-1, T/2-1, 3T/4-1, T-1): x_t (clipped to [-1,1] for display), then config.eval.num_shared (default 7)
+    samples of p(x_0 | x_t). Writes shared_xt.png and shared_xt.csv."""
+    d, apply_fn, params, step, out_dir = _experiment_setup(config, workdir, 'shared_xt')
+    timesteps = list(config.eval.shared_xt_timesteps or _default_timesteps(d.num_timesteps))
+    num_shared = int(config.eval.num_shared)
+    clip = bool(config.sampling.clip_denoised)
+    run = jax.jit(lambda params, rng, t: shared_xt_samples(
+        d, lambda x, tt: apply_fn(params, x, tt), _image_shape(config), rng, t, num_shared, clip_denoised=clip))
+    rows = []
+    for i, t in enumerate(timesteps):
+        x_t, samples = run(params, jax.random.fold_in(_seed_key(config, EXPERIMENT_STREAM), i), jnp.int32(t))
+        rows.append(np.asarray(to_uint8(jnp.concatenate([x_t, samples]))))
+    path = os.path.join(out_dir, 'shared_xt.png')
+    if jax.process_index() == 0:
+        save_grid_png(path, np.concatenate(rows), num_shared + 1, min_size=512)
+        _write_csv(os.path.join(out_dir, 'shared_xt.csv'), ['row', 'timestep', 'num_shared'],
+                   [(i, t, num_shared) for i, t in enumerate(timesteps)])
+    return dict(png=path, timesteps=timesteps, step=step)
+
+
+def interpolate_images(d, model_fn, x_a, x_b, t, lambdas, rng, *, clip_denoised=True):
+    """Fig. 8: x_a, x_b: [1,H,W,C] in [-1,1]; encode both to code timestep t with the SAME noise
+    eps = normal(fold_in(rng, 0)), mix (1 - lam) x_t + lam x'_t for lam in lambdas [L], decode each mix with
+    the reverse process from t with reverse noise fold_in(rng, 1) shared by all lam.
+    Returns (mixed x_t [L,H,W,C], decoded x_0 [L,H,W,C])."""
+    eps = jax.random.normal(jax.random.fold_in(rng, 0), x_a.shape, x_a.dtype)
+    t_vec = jnp.full((1,), t, jnp.int32)
+    x_t_a = diffusion_lib.q_sample(d, x_a, t_vec, eps)
+    x_t_b = diffusion_lib.q_sample(d, x_b, t_vec, eps)
+    lam = jnp.asarray(lambdas, x_a.dtype).reshape(-1, 1, 1, 1)
+    mixed = (1.0 - lam) * x_t_a + lam * x_t_b
+    decoded = samplers.p_sample_range(d, model_fn, mixed, jax.random.fold_in(rng, 1), t_start=t, t_stop=0,
+                                      clip_denoised=clip_denoised, share_noise_across_batch=True)
+    return mixed, decoded
+
+
+def interpolate(config, workdir: str) -> dict:
+    """Mode 'interpolate' (Fig. 8): test images config.eval.interp_indices (default (0, 1)) of the eval split,
+    lam in linspace(0, 1, config.eval.num_lambdas (default 9)), for each t of config.eval.interp_timesteps
+    (default as shared_xt). Each row: source a, decoded mixes, source b. Writes interpolate.png and .csv
+    (per t and lam: RMSE on the 0-255 scale of the decoded image to each source)."""
+    from ddpm_jax import data  # pylint: disable=g-import-not-at-top
+    d, apply_fn, params, step, out_dir = _experiment_setup(config, workdir, 'interpolate')
+    index_a, index_b = (int(i) for i in config.eval.interp_indices)
+    split = config.eval.split or config.data.eval_split
+    source = data.load_source(config, split)
+    pair = source[np.array([index_a, index_b])].astype(np.float32) / 127.5 - 1.0
+    x_a, x_b = jnp.asarray(pair[:1]), jnp.asarray(pair[1:])
+    lambdas = np.linspace(0.0, 1.0, int(config.eval.num_lambdas))
+    timesteps = list(config.eval.interp_timesteps or _default_timesteps(d.num_timesteps))
+    clip = bool(config.sampling.clip_denoised)
+    run = jax.jit(lambda params, x_a, x_b, t, rng: interpolate_images(
+        d, lambda x, tt: apply_fn(params, x, tt), x_a, x_b, t, lambdas, rng, clip_denoised=clip))
+    rows, table = [], []
+    for i, t in enumerate(timesteps):
+        _, decoded = run(params, x_a, x_b, jnp.int32(t), jax.random.fold_in(_seed_key(config, EXPERIMENT_STREAM), i))
+        rows.append(np.asarray(to_uint8(jnp.concatenate([x_a, decoded, x_b]))))
+        for lam, image in zip(lambdas, np.asarray(decoded, np.float64)):
+            table.append((t, float(lam), float(np.sqrt(np.mean((image - pair[0]) ** 2)) * 127.5),
+                          float(np.sqrt(np.mean((image - pair[1]) ** 2)) * 127.5)))
+    path = os.path.join(out_dir, 'interpolate.png')
+    if jax.process_index() == 0:
+        save_grid_png(path, np.concatenate(rows), len(lambdas) + 2, min_size=512)
+        _write_csv(os.path.join(out_dir, 'interpolate.csv'), ['timestep', 'lambda', 'rmse_to_a', 'rmse_to_b'], table)
+    return dict(png=path, timesteps=timesteps, lambdas=lambdas.tolist(), step=step)
+
+
+MODES = {
+    'sample': sample,
+    'eval': evaluate_nll,
+    'rate_distortion': rate_distortion,
+    'progressive': progressive,
+    'shared_xt': shared_xt,
+    'interpolate': interpolate,
+}

@@ -1,0 +1,192 @@
+"""Samplers beyond the paper's ancestral loop: timestep respacing and DDIM.
+
+Both plug into the signature of `diffusion.p_sample_loop`:
+
+    sample(d, model_fn, shape, rng, *, clip_denoised=True, ...) -> x_0 [B, H, W, C]
+
+where `d` is a (possibly respaced) `GaussianDiffusion` and `model_fn(x [B,H,W,C], t [B] int32)` is the
+network called with the ORIGINAL timestep indices (the respaced loops map their step index k to
+`timestep_map[k]` before calling it).
+
+* Timestep respacing (Nichol & Dhariwal 2021, "Improved DDPM"): keep a subsequence s_0 < ... < s_{S-1}
+  of {0..T-1} and rebuild a diffusion whose alphas_cumprod are those of the kept steps:
+  beta'_k = 1 - abar[s_k] / abar[s_{k-1}] (abar[s_{-1}] := 1). The ancestral sampler of that diffusion
+  runs in S steps.
+* DDIM (Song, Meng, Ermon 2021) over the same subsequence:
+  x_{k-1} = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z,
+  sigma = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev).
+  eta = 0 is deterministic; eta = 1 has the posterior variance beta~ and the posterior mean, i.e. it is
+  the ancestral sampler with fixedsmall variance.
+
+Every loop is one `lax.fori_loop`: jit the caller once and it compiles once per shape.
+Randomness follows `diffusion.p_sample_loop`: for a diffusion of S steps, x_T comes from
+`fold_in(rng, S)` and the noise of step k from `fold_in(rng, k)`, so DDIM with eta = 1 over all steps
+of a fixedsmall diffusion draws the same noise as the ancestral loop.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm_jax import diffusion as diffusion_lib
+from ddpm_jax import schedules
+
+SAMPLERS = ('ancestral', 'ddim')
+
+ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def respaced_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
+    """Evenly spaced subsequence of {0..T-1} with both ends kept.
+
+    Returns int64 [num_steps], strictly increasing, first 0 and last T-1 (so sampling starts from
+    pure noise at the last step, and the decoder step t=0 is kept). num_steps = 0 or T: all steps.
+    """
+    if num_steps == 0:
+        num_steps = num_timesteps
+    if not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f'num_steps={num_steps} must be in [1, T={num_timesteps}] (0 means all T steps)')
+    if num_steps == 1:
+        return np.array([num_timesteps - 1])
+    steps = np.round(np.linspace(0.0, num_timesteps - 1, num_steps)).astype(np.int64)
+    if len(np.unique(steps)) != num_steps:  # cannot happen for num_steps <= T, kept as a guard
+        raise ValueError(f'num_steps={num_steps} gives repeated timesteps for T={num_timesteps}')
+    return steps
+
+
+def respaced_betas(betas: np.ndarray, timesteps: Sequence[int]) -> np.ndarray:
+    """beta'_k = 1 - abar[s_k] / abar[s_{k-1}], abar[s_{-1}] = 1.  betas: float64 [T]; returns float64 [S]."""
+    betas = np.asarray(betas, dtype=np.float64)
+    timesteps = np.asarray(timesteps)
+    if timesteps.ndim != 1 or np.any(np.diff(timesteps) <= 0) or timesteps[0] < 0 or timesteps[-1] >= len(betas):
+        raise ValueError(f'timesteps must be strictly increasing in [0, {len(betas) - 1}], got {timesteps}')
+    alphas_cumprod = np.cumprod(1.0 - betas)[timesteps]
+    previous = np.concatenate([[1.0], alphas_cumprod[:-1]])
+    return 1.0 - alphas_cumprod / previous
+
+
+def respace(betas: np.ndarray, num_steps: int, *, model_mean_type: str, model_var_type: str,
+            loss_type: str = 'mse', hybrid_lambda: float = 0.001):
+    """A diffusion over `num_steps` of the T steps of `betas` (float64 [T]).
+
+    Returns (respaced GaussianDiffusion with S = num_steps steps, timestep_map int32 [S] of the original
+    timestep of each respaced step). Note: a model with model_var_type='learned' predicts a log-variance
+    for the original one-step spacing; respacing is exact only for fixed variances and learned_range.
+    """
+    timesteps = respaced_timesteps(len(betas), num_steps)
+    d = diffusion_lib.make_diffusion(respaced_betas(betas, timesteps), model_mean_type=model_mean_type,
+                                     model_var_type=model_var_type, loss_type=loss_type,
+                                     hybrid_lambda=hybrid_lambda)
+    return d, jnp.asarray(timesteps, dtype=jnp.int32)
+
+
+def _mapped_model_fn(model_fn: ModelFn, timestep_map: jax.Array | None) -> ModelFn:
+    if timestep_map is None:
+        return model_fn
+    return lambda x, t: model_fn(x, timestep_map[t])
+
+
+def ancestral_sample_loop(d, model_fn: ModelFn, shape, rng, *, timestep_map=None, clip_denoised=True):
+    """The paper's ancestral sampler on a (respaced) diffusion: `diffusion.p_sample_loop` with the
+    model called at the original timesteps.  Returns x_0 [B, H, W, C]."""
+    return diffusion_lib.p_sample_loop(d, _mapped_model_fn(model_fn, timestep_map), tuple(shape), rng,
+                                       clip_denoised=clip_denoised)
+
+
+def _gather(table: jax.Array, t: jax.Array, ndim: int) -> jax.Array:
+    return table[t].reshape((-1,) + (1,) * (ndim - 1))
+
+
+def ddim_step(d, model_output, x_t, t, noise, *, eta, clip_denoised=True):
+    """One DDIM update from step t of `d` to step t-1 (to x_0 at t=0).
+
+    model_output: [B,H,W,C] (or 2C for learned variances), x_t, noise: [B,H,W,C], t: [B] int (index of d).
+    Returns (x_{t-1} [B,H,W,C], pred_xstart [B,H,W,C]).
+    """
+    out = diffusion_lib.p_mean_variance(d, model_output, x_t, t, clip_denoised=clip_denoised)
+    pred_xstart = out['pred_xstart']
+    abar = _gather(d.alphas_cumprod, t, x_t.ndim)
+    abar_prev = _gather(d.alphas_cumprod_prev, t, x_t.ndim)
+    # eps consistent with the (clipped) x0 prediction, as in the DDIM paper's implementation.
+    eps = (x_t - jnp.sqrt(abar) * pred_xstart) / jnp.sqrt(1.0 - abar)
+    sigma = eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar)) * jnp.sqrt(1.0 - abar / abar_prev)
+    mean = jnp.sqrt(abar_prev) * pred_xstart + jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma ** 2, 0.0)) * eps
+    nonzero = (t != 0).astype(x_t.dtype).reshape((-1,) + (1,) * (x_t.ndim - 1))
+    return mean + nonzero * sigma * noise, pred_xstart
+
+
+def ddim_sample_loop(d, model_fn: ModelFn, shape, rng, *, timestep_map=None, eta=0.0, clip_denoised=True):
+    """DDIM sampling over all steps of `d` (respaced or not), one lax loop.  Returns x_0 [B, H, W, C].
+
+    x_T ~ N(0, I) from `fold_in(rng, S)` (S = d.num_timesteps); the noise of step k from `fold_in(rng, k)`.
+    """
+    if eta < 0:
+        raise ValueError(f'ddim eta={eta} must be >= 0 (0: deterministic DDIM, 1: ancestral-like)')
+    shape = tuple(shape)
+    dtype = d.alphas_cumprod.dtype
+    model_fn = _mapped_model_fn(model_fn, timestep_map)
+    num_steps = d.num_timesteps
+
+    def body(i, x):
+        k = num_steps - 1 - i
+        t = jnp.full((shape[0],), k, dtype=jnp.int32)
+        noise = jax.random.normal(jax.random.fold_in(rng, k), shape, dtype) if eta > 0 else jnp.zeros(shape, dtype)
+        x, _ = ddim_step(d, model_fn(x, t), x, t, noise, eta=eta, clip_denoised=clip_denoised)
+        return x
+
+    x_init = jax.random.normal(jax.random.fold_in(rng, num_steps), shape, dtype)
+    return jax.lax.fori_loop(0, num_steps, body, x_init)
+
+
+def p_sample_range(d, model_fn: ModelFn, x, rng, *, t_start, t_stop=0, clip_denoised=True,
+                   share_noise_across_batch=False):
+    """Ancestral steps t = t_start, t_start-1, ..., t_stop of `d` starting from x = x_{t_start}.
+
+    x: [B,H,W,C] (the sample at code timestep t_start); t_start, t_stop: ints, may be traced
+    (one compilation for every t); t_start < t_stop runs no step. Returns x_{t_stop - 1}
+    (x_0's "decoded" output when t_stop = 0). The noise of step t is `normal(fold_in(rng, t))`;
+    with share_noise_across_batch it is drawn once for [1,H,W,C] and broadcast (used by
+    interpolation, so that every mixing weight sees the same reverse noise).
+    """
+    shape = x.shape
+    noise_shape = (1,) + shape[1:] if share_noise_across_batch else shape
+
+    def body(i, x):
+        t_scalar = t_start - i
+        t = jnp.full((shape[0],), t_scalar, dtype=jnp.int32)
+        noise = jnp.broadcast_to(jax.random.normal(jax.random.fold_in(rng, t_scalar), noise_shape, x.dtype), shape)
+        return diffusion_lib.p_sample(d, model_fn(x, t), x, t, noise, clip_denoised=clip_denoised)
+
+    return jax.lax.fori_loop(0, jnp.maximum(t_start - t_stop + 1, 0), body, x)
+
+
+def make_sampler(config):
+    """The sampler that config.sampling selects, as `sample_fn(model_fn, shape, rng) -> x_0 [B,H,W,C]`.
+
+    config.sampling.sampler: 'ancestral' (the paper's; with num_steps > 0 and < T it runs on respaced
+    timesteps) or 'ddim' (eta = config.sampling.ddim_eta); num_steps: 0 = all T steps.
+    The returned function is traceable (jit its caller).
+    """
+    sampling, dcfg = config.sampling, config.diffusion
+    if sampling.sampler not in SAMPLERS:
+        raise ValueError(f'config.sampling.sampler={sampling.sampler!r}; allowed: {SAMPLERS}')
+    betas = schedules.get_beta_schedule(dcfg.beta_schedule, beta_start=dcfg.beta_start, beta_end=dcfg.beta_end,
+                                        num_diffusion_timesteps=dcfg.num_diffusion_timesteps)
+    num_steps = sampling.num_steps or dcfg.num_diffusion_timesteps
+    clip = bool(sampling.clip_denoised)
+    if sampling.sampler == 'ancestral' and num_steps == dcfg.num_diffusion_timesteps:
+        d = diffusion_lib.diffusion_from_config(config)
+        return lambda model_fn, shape, rng: diffusion_lib.p_sample_loop(d, model_fn, tuple(shape), rng,
+                                                                        clip_denoised=clip)
+    d, timestep_map = respace(betas, num_steps, model_mean_type=dcfg.model_mean_type,
+                              model_var_type=dcfg.model_var_type, loss_type=dcfg.loss_type,
+                              hybrid_lambda=dcfg.hybrid_lambda)
+    if sampling.sampler == 'ancestral':
+        return lambda model_fn, shape, rng: ancestral_sample_loop(d, model_fn, shape, rng,
+                                                                  timestep_map=timestep_map, clip_denoised=clip)
+    eta = float(sampling.ddim_eta)
+    return lambda model_fn, shape, rng: ddim_sample_loop(d, model_fn, shape, rng, timestep_map=timestep_map,
+                                                         eta=eta, clip_denoised=clip)

@@ -1,0 +1,406 @@
+"""Training: TrainState, the data-parallel train step, and the training loop.
+
+The step is written for one device: it draws its randomness, computes the loss on its slice of
+the batch, averages gradients and metrics with explicit `lax.pmean` over the `data` axis, and
+applies Adam and the EMA update to its (replicated) copy of the state. `make_train_step` compiles
+it with `jax.jit(jax.shard_map(...))` over the 1-D mesh of all devices, donating the state.
+
+Randomness (SPEC.md section 5; fold_in chains never stored in the state, so a restart is exact):
+  t ~ randint(0, T) and noise ~ N(0, I) of global example i at step s use
+      fold_in(fold_in(example_stream, s), i),
+  so the step's result does not depend on how many devices share the batch; dropout uses the
+  per-device key fold_in(fold_in(dropout_stream, s), device_index). The streams are
+  fold_in(key(config.seed), 1) and fold_in(key(config.seed), 2); the init key is fold_in(..., 0).
+"""
+import functools
+import json
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import PartitionSpec as P
+
+from ddpm_jax import checkpoint
+from ddpm_jax import data as data_lib
+from ddpm_jax import diffusion as diffusion_lib
+from ddpm_jax import image_grid
+from ddpm_jax import parallel
+from ddpm_jax.models import unet
+
+_INIT_STREAM, _EXAMPLE_STREAM, _DROPOUT_STREAM, _SAMPLE_STREAM = 0, 1, 2, 3
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run needs to continue: replicated over the mesh.
+
+    step: int32 scalar, the number of optimizer steps taken; params / ema_params: the U-Net
+    params and their EMA; opt_state: the optax state of `make_optimizer`.
+    """
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+
+
+def stream_key(config: ml_collections.ConfigDict, stream: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(config.seed), stream)
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
+    """lr * min(step / warmup_steps, 1) (official: the first step has lr 0); constant lr when warmup is 0."""
+    lr, warmup = float(optim.lr), int(optim.warmup_steps)
+    if warmup <= 0:
+        return lambda step: jnp.full((), lr, jnp.float32)
+    return lambda step: lr * jnp.minimum(jnp.asarray(step, jnp.float32) / warmup, 1.0)
+
+
+def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Global-norm clipping (skipped when grad_clip is 0), then Adam with the warmup schedule.
+
+    The official code clips each TPU replica's gradient before averaging (SPEC.md section 5); here the
+    averaged global-batch gradient is clipped, the natural data-parallel equivalent.
+    """
+    adam = optax.adam(learning_rate_schedule(optim), b1=optim.beta1, b2=optim.beta2, eps=optim.eps)
+    if optim.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adam)
+    return adam
+
+
+def init_params(config: ml_collections.ConfigDict, rng: jax.Array) -> Any:
+    """Fresh U-Net params for config (the model's own initialisers)."""
+    size, channels = config.data.image_size, config.data.channels
+    model = unet.create_model(config)
+    variables = model.init({'params': rng}, jnp.zeros((1, size, size, channels), jnp.float32),
+                           jnp.zeros((1,), jnp.int32), train=False)
+    return variables['params']
+
+
+class _CompileKey:
+    """Hashable view of the config entries that shape the compiled functions, so that repeated
+    train() calls in one process (tests, notebooks) reuse compiled code."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config.copy_and_resolve_references()
+        self._key = json.dumps({name: config[name].to_dict() for name in ('data', 'model', 'diffusion', 'optim',
+                                                                            'sampling')} | {'seed': config.seed},
+                               sort_keys=True, default=repr)
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def __eq__(self, other):
+        return isinstance(other, _CompileKey) and self._key == other._key
+
+
+def create_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
+                       abstract: bool = False) -> TrainState:
+    """The step-0 state, replicated over `mesh` (ShapeDtypeStructs with shardings when `abstract`).
+
+    The EMA starts as a copy of the params in its own buffers (donating a state whose params and EMA
+    share buffers fails).
+    """
+    init = _compiled_init(_CompileKey(config), mesh)
+    if abstract:
+        return jax.eval_shape(init)
+    return init()
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled_init(key: _CompileKey, mesh: jax.sharding.Mesh) -> Callable[[], TrainState]:
+    config = key.config
+    optimizer = make_optimizer(config.optim)
+
+    def init() -> TrainState:
+        params = init_params(config, stream_key(config, _INIT_STREAM))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          ema_params=jax.tree.map(jnp.copy, params), opt_state=optimizer.init(params))
+
+    return jax.jit(init, out_shardings=parallel.replicated_sharding(mesh))
+
+
+def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Callable:
+    """The compiled step `(state, batches [K, B, H, W, C]) -> (state, metrics {name: [K]})`.
+
+    Runs K = batches.shape[0] optimizer steps in one dispatch (lax.scan). `batches` holds the global
+    batches sharded on axis 1 (`parallel.shard_batch(..., batch_axis=1)`); the state is replicated and
+    donated. Metrics (replicated): loss (batch mean), grad_norm (global norm of the averaged gradient,
+    before clipping), lr (the learning rate of the step).
+    """
+    return _compiled_train_step(_CompileKey(config), mesh)
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled_train_step(key: _CompileKey, mesh: jax.sharding.Mesh) -> Callable:
+    config = key.config
+    model = unet.create_model(config)
+    diffusion = diffusion_lib.diffusion_from_config(config)
+    optimizer = make_optimizer(config.optim)
+    schedule = learning_rate_schedule(config.optim)
+    ema_decay = float(config.optim.ema_decay)
+    num_timesteps = diffusion.num_timesteps
+    example_stream = stream_key(config, _EXAMPLE_STREAM)
+    dropout_stream = stream_key(config, _DROPOUT_STREAM)
+
+    def device_step(state: TrainState, x_start: jax.Array) -> tuple:
+        """One optimizer step on this device's slice x_start [b, H, W, C]."""
+        keys = parallel.example_keys(example_stream, state.step, x_start.shape[0])
+        t = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 0), (), 0, num_timesteps))(keys)
+        noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), x_start.shape[1:],
+                                                     x_start.dtype))(keys)
+        x_t = diffusion_lib.q_sample(diffusion, x_start, t, noise)
+        dropout_key = parallel.device_key(dropout_stream, state.step)
+
+        def loss_fn(params):
+            output = model.apply({'params': params}, x_t, t, train=True, rngs={'dropout': dropout_key})
+            return jnp.mean(diffusion_lib.training_losses(diffusion, output, x_start, x_t, t, noise))
+
+        loss, grads = jax.value_and_grad(loss_fn)(parallel.to_varying(state.params))
+        grads = jax.lax.pmean(grads, parallel.DATA_AXIS)
+        loss = jax.lax.pmean(loss, parallel.DATA_AXIS)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # Official EMA: decay 0 at the first step (the shadow becomes the params), then ema_decay.
+        decay = jnp.where(state.step == 0, 0.0, ema_decay).astype(jnp.float32)
+        ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+        metrics = dict(loss=loss.astype(jnp.float32), grad_norm=optax.tree.norm(grads).astype(jnp.float32),
+                       lr=jnp.asarray(schedule(state.step), jnp.float32))
+        return TrainState(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state), metrics
+
+    def device_steps(state: TrainState, batches: jax.Array) -> tuple:
+        if batches.shape[0] == 1:
+            state, metrics = device_step(state, batches[0])
+            return state, jax.tree.map(lambda m: m[None], metrics)
+        return jax.lax.scan(device_step, state, batches)
+
+    sharded = jax.shard_map(device_steps, mesh=mesh, in_specs=(P(), P(None, parallel.DATA_AXIS)),
+                            out_specs=(P(), P()))
+    return jax.jit(sharded, donate_argnums=0)
+
+
+def make_grid_sampler(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, num_samples: int) -> Callable:
+    """Compiled `ema_params -> samples [N', H, W, C]` (N' >= num_samples, a multiple of the device count).
+
+    Each device runs diffusion.p_sample_loop on its share with key fold_in(sample_stream, device); the
+    key is fixed, so grids from successive steps start from the same noise.
+    """
+    return _compiled_grid_sampler(_CompileKey(config), mesh, num_samples)
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled_grid_sampler(key: _CompileKey, mesh: jax.sharding.Mesh, num_samples: int) -> Callable:
+    config = key.config
+    model = unet.create_model(config)
+    diffusion = diffusion_lib.diffusion_from_config(config)
+    num_devices = mesh.devices.size
+    per_device = max(1, math.ceil(num_samples / num_devices))
+    shape = (per_device, config.data.image_size, config.data.image_size, config.data.channels)
+    sample_stream = stream_key(config, _SAMPLE_STREAM)
+
+    def device_sample(params):
+        rng = jax.random.fold_in(sample_stream, jax.lax.axis_index(parallel.DATA_AXIS))
+        model_fn = lambda x, t: model.apply({'params': params}, x, t, train=False)
+        return diffusion_lib.p_sample_loop(diffusion, model_fn, shape, rng,
+                                           clip_denoised=config.sampling.clip_denoised)
+
+    return jax.jit(jax.shard_map(device_sample, mesh=mesh, in_specs=P(), out_specs=P(parallel.DATA_AXIS)))
+
+
+def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """Raises ValueError for training settings that cannot work, naming the value and the fix."""
+    training = config.training
+    parallel.check_global_batch(training.batch_size, mesh)
+    for name in ('num_train_steps', 'log_every_steps', 'checkpoint_every_steps', 'sample_every_steps'):
+        if training[name] <= 0:
+            raise ValueError(f'config.training.{name}={training[name]} must be positive.')
+    steps_per_dispatch = training.get('steps_per_dispatch', 1)
+    if steps_per_dispatch < 1:
+        raise ValueError(f'config.training.steps_per_dispatch={steps_per_dispatch} must be >= 1.')
+    if config.optim.ema_decay < 0 or config.optim.ema_decay >= 1:
+        raise ValueError(f'config.optim.ema_decay={config.optim.ema_decay} must lie in [0, 1).')
+
+
+class _StopRequest:
+    """SIGTERM -> save and stop at the next step boundary (single host); on several hosts the
+    JAX preemption sync point (via orbax) decides, so every host stops at the same step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        self._installed = False
+
+    def __enter__(self):
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        return self
+
+    def _handle(self, signum, frame):  # pylint: disable=unused-argument
+        logging.warning('SIGTERM received: saving a checkpoint and stopping.')
+        self.requested = True
+
+    def should_stop(self, manager, step: int) -> bool:
+        if jax.process_count() > 1:
+            return bool(manager.reached_preemption(step))
+        return self.requested
+
+    def __exit__(self, *exc):
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class _MetricLog:
+    """Keeps the metrics of dispatched steps on device and fetches them only at log/save points."""
+
+    def __init__(self):
+        self._pending = []  # (first step, {name: device array [K]})
+
+    def add(self, first_step: int, metrics: dict) -> None:
+        self._pending.append((first_step, metrics))
+
+    def drain(self) -> Optional[dict]:
+        """Fetches everything pending: {name: float64 [n]} plus 'step' [n]; raises on a non-finite value."""
+        if not self._pending:
+            return None
+        fetched = parallel.to_host([metrics for _, metrics in self._pending])
+        steps = np.concatenate([first + np.arange(len(m['loss'])) for (first, _), m in zip(self._pending, fetched)])
+        self._pending = []
+        merged = {name: np.concatenate([m[name] for m in fetched]).astype(np.float64) for name in fetched[0]}
+        for name in ('loss', 'grad_norm'):
+            bad = ~np.isfinite(merged[name])
+            if bad.any():
+                index = int(np.argmax(bad))
+                raise FloatingPointError(
+                    f'{name} is {merged[name][index]} at step {int(steps[index])}: stopping. The state after it is '
+                    'not saved; the last good checkpoint is kept. Lower config.optim.lr, keep grad clipping on, '
+                    'or use float32 compute.')
+        merged['step'] = steps
+        return merged
+
+
+def _next_boundary(step: int, every: int) -> int:
+    return (step // every + 1) * every
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains (or resumes) the run in `workdir` up to config.training.num_train_steps.
+
+    Writes workdir/checkpoints (orbax), workdir/tensorboard (scalars loss, grad_norm, lr),
+    workdir/samples/step_XXXXXXX.png (EMA sample grids). Returns the final state.
+    """
+    mesh = parallel.make_mesh()
+    validate_config(config, mesh)
+    is_primary = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+
+    data_lib.load_source(config, config.data.train_split)  # a missing or unknown dataset fails here, early
+    manager = checkpoint.make_manager(workdir, config)
+    try:
+        state = checkpoint.restore_state(workdir, manager, create_train_state(config, mesh, abstract=True), config)
+        if state is None:
+            state = create_train_state(config, mesh)
+            logging.info('Starting a new run in %s', workdir)
+        step = int(parallel.to_host(state.step))
+        if step:
+            logging.info('Resumed from the checkpoint of step %d in %s', step, checkpoint.checkpoint_dir(workdir))
+        batches = data_lib.train_batches(config, start_step=step)
+        return _train_loop(config, workdir, mesh, manager, state, step, batches, is_primary)
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+
+
+def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh, manager, state: TrainState,
+                step: int, batches: Iterator[np.ndarray], is_primary: bool) -> TrainState:
+    training = config.training
+    num_steps = int(training.num_train_steps)
+    steps_per_dispatch = int(training.get('steps_per_dispatch', 1))
+    train_step = make_train_step(config, mesh)
+    grid_sampler = None
+    writer = None
+    if is_primary:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        writer = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    metric_log = _MetricLog()
+    log_time, log_step = time.time(), step
+
+    def save() -> None:
+        values = metric_log.drain()  # raises before saving a state that followed a NaN
+        if values is not None:
+            _write_scalars(writer, values)
+        checkpoint.save_state(manager, state, config)
+
+    def write_samples() -> None:
+        nonlocal grid_sampler, log_time
+        if training.num_grid_samples <= 0:
+            return
+        started = time.time()
+        if grid_sampler is None:
+            grid_sampler = make_grid_sampler(config, mesh, training.num_grid_samples)
+        samples = parallel.to_host(grid_sampler(state.ema_params))[:training.num_grid_samples]
+        if is_primary:
+            path = os.path.join(workdir, 'samples', f'step_{step:07d}.png')
+            image_grid.save_image_grid(samples, path, scale=max(1, 64 // config.data.image_size))
+            logging.info('Wrote %s', path)
+        log_time += time.time() - started  # keep sampling out of the training throughput
+
+    try:
+        with _StopRequest() as stop:
+            while step < num_steps:
+                count = min(steps_per_dispatch, num_steps - step,
+                            *(_next_boundary(step, every) - step for every in
+                              (training.log_every_steps, training.checkpoint_every_steps, training.sample_every_steps)))
+                local = np.stack([next(batches) for _ in range(count)])
+                state, metrics = train_step(state, parallel.shard_batch(local, mesh, batch_axis=1))
+                metric_log.add(step, metrics)
+                step += count
+
+                if step % training.log_every_steps == 0 or step == num_steps:
+                    values = metric_log.drain()
+                    if values is not None:
+                        _write_scalars(writer, values)
+                        now = time.time()
+                        steps_per_second = (step - log_step) / max(now - log_time, 1e-9)
+                        log_time, log_step = now, step
+                        logging.info('step %d/%d | loss %.5f | grad_norm %.4f | lr %.3g | %.2f steps/s | '
+                                     '%.1f img/s | ETA %s', step, num_steps, values['loss'].mean(),
+                                     values['grad_norm'].mean(), values['lr'][-1], steps_per_second,
+                                     steps_per_second * training.batch_size,
+                                     _format_duration((num_steps - step) / max(steps_per_second, 1e-9)))
+                stopping = stop.should_stop(manager, step)
+                if step % training.checkpoint_every_steps == 0 or step == num_steps or stopping:
+                    save()
+                if stopping:
+                    logging.warning('Stopped at step %d after saving; rerun the same command to resume.', step)
+                    return state
+                if step % training.sample_every_steps == 0 or step == num_steps:
+                    write_samples()
+            return state
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _write_scalars(writer, values: dict) -> None:
+    """Writes the mean of each metric over the fetched steps at the last of them."""
+    if writer is None:
+        return
+    step = int(values['step'][-1])
+    for name in ('loss', 'grad_norm', 'lr'):
+        writer.add_scalar(f'train/{name}', float(np.mean(values[name])), step)
+    writer.flush()

@@ -1,0 +1,134 @@
+"""Tests of the benchmark scripts (experiments/bench_train.py, bench_sample.py): smoke runs and max-batch search.
+
+The smoke runs go in subprocesses (the scripts are programs; both start at once, the test machine has 2 cores)
+and check the JSON they write, the table they print and that their timings are positive. The max-batch
+search is checked in-process against a fake setting runner that runs out of memory above a known batch.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = os.path.join(REPO_ROOT, 'experiments')
+sys.path.insert(0, EXPERIMENTS)
+import bench_train  # pylint: disable=wrong-import-position
+
+TABLE_HEADER = '| bench | config | dtype | batch |'
+
+
+@pytest.fixture(scope='module')
+def smoke_runs(tmp_path_factory):
+    """Runs both scripts in --smoke mode concurrently; returns {name: (completed process, parsed JSON)}."""
+    out_dir = tmp_path_factory.mktemp('bench')
+    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO_ROOT)
+    commands = {
+        'train': [sys.executable, os.path.join(EXPERIMENTS, 'bench_train.py'), '--smoke',
+                  '--steps_per_dispatch=1,2', '--find_max_batch', '--max_batch_cap=8',
+                  f'--out={out_dir / "train.json"}'],
+        'sample': [sys.executable, os.path.join(EXPERIMENTS, 'bench_sample.py'), '--smoke',
+                   f'--out={out_dir / "sample.json"}'],
+    }
+    processes = {name: subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True) for name, command in commands.items()}
+    runs = {}
+    for name, process in processes.items():
+        output, _ = process.communicate(timeout=300)
+        assert process.returncode == 0, f'{name} smoke run failed:\n{output[-4000:]}'
+        with open(out_dir / f'{name}.json') as f:
+            runs[name] = (output, json.load(f))
+    return runs
+
+
+def test_train_smoke_writes_rows_with_positive_throughput(smoke_runs):
+    output, result = smoke_runs['train']
+    assert TABLE_HEADER in output and 'cifar10_smoke' in output
+    assert result['benchmark'] == 'train' and result['smoke']
+    assert result['device']['jax_version'] and result['device']['device_kind']
+    rows = result['rows']
+    assert [(r['dtype'], r['batch_size'], r['steps_per_dispatch']) for r in rows] == [('float32', 8, 1),
+                                                                                      ('float32', 8, 2)]
+    for row in rows:
+        assert row['status'] == 'ok', row
+        assert row['compile_s'] > 0 and row['step_ms_median'] > 0
+        assert row['throughput'] > 0 and row['throughput_pipelined'] > 0
+        # img/s is the batch over the median step time (the two are reported separately).
+        assert row['throughput'] == pytest.approx(8 / (row['step_ms_median'] / 1e3), rel=1e-9)
+        assert row['timed_steps'] >= 4
+        assert row['num_params'] > 0 and row['image_size'] == 8
+    search = result['max_batch']
+    # The grid's batch 8 already reaches the cap: no probe (the search itself is tested with a fake runner below).
+    assert search['largest_fit'] == 8 and search['resolved'] and search['probes'] == []
+
+
+def test_sample_smoke_counts_one_network_evaluation_per_step(smoke_runs):
+    output, result = smoke_runs['sample']
+    assert TABLE_HEADER in output and 'img-steps/s' in output
+    (row,) = result['rows']
+    assert row['status'] == 'ok' and row['num_steps'] == 5 and row['batch_size'] == 8
+    assert row['compile_s'] > 0 and row['throughput'] > 0
+    assert row['throughput'] == pytest.approx(8 * 5 / row['call_s_median'], rel=1e-9)
+    assert row['step_ms_median'] == pytest.approx(1e3 * row['call_s_median'] / 5, rel=1e-9)
+
+
+def test_summarize_prints_rows_of_both_files(smoke_runs, tmp_path, capsys):
+    paths = []
+    for name, (_, result) in smoke_runs.items():
+        if name == 'train':  # one max-batch probe row, as a GPU run writes
+            result = dict(result, max_batch=dict(result['max_batch'], probes=[dict(result['rows'][0], batch_size=16)]))
+        path = tmp_path / f'{name}.json'
+        path.write_text(json.dumps(result))
+        paths.append(str(path))
+    bench_train.main(['--summarize', *paths, str(tmp_path / 'absent.json')])
+    printed = capsys.readouterr().out
+    assert printed.count('| train |') == 2 and printed.count('| sample |') == 1
+    assert printed.count('| max_batch | cifar10_smoke | float32 | 16 |') == 1 and '(missing: ' in printed
+
+
+def _fake_runner(limit, calls):
+    def run_setting(base_config, config_name, dtype, batch_size, steps_per_dispatch, **kwargs):
+        calls.append(batch_size)
+        status = 'ok' if batch_size <= limit else 'oom'
+        return dict(bench='train', config=config_name, dtype=dtype, batch_size=batch_size,
+                    steps_per_dispatch=steps_per_dispatch, status=status)
+    return run_setting
+
+
+@pytest.mark.parametrize('limit', [8, 100, 203, 1000])
+def test_max_batch_search_doubles_then_bisects_to_the_limit(monkeypatch, limit):
+    calls = []
+    monkeypatch.setattr(bench_train, 'run_setting', _fake_runner(limit, calls))
+    monkeypatch.setattr(bench_train, 'memory_stats', lambda: None)  # no estimate: pure doubling from 8
+    grid = [dict(dtype='bfloat16', batch_size=8, steps_per_dispatch=1, status='ok')]
+    search = bench_train.find_max_batch(None, 'x', 'bfloat16', grid, resolution=8, start=8, cap=4096,
+                                        budget_s=1e9, steps=1, feed='device')
+    expected = (limit // 8) * 8
+    assert search['largest_fit'] == expected and search['resolved']
+    assert search['smallest_failure'] - expected <= 8
+    doublings = [16 * 2 ** i for i in range(9) if 16 * 2 ** i <= 2 * expected]
+    assert calls[:len(doublings)] == doublings
+    assert all(b % 8 == 0 for b in calls) and len(calls) <= 2 * 9  # log2(4096 / 8) doublings + bisections
+
+
+def test_max_batch_search_starts_from_the_memory_estimate(monkeypatch):
+    """With bytes_limit known, the first probe is 0.95 * limit / (XLA bytes per image of the grid row)."""
+    calls = []
+    monkeypatch.setattr(bench_train, 'run_setting', _fake_runner(300, calls))
+    monkeypatch.setattr(bench_train, 'memory_stats', lambda: {'bytes_limit': 1000 * 2 ** 20})
+    grid = [dict(dtype='bfloat16', batch_size=64, steps_per_dispatch=1, status='ok', xla_bytes=256 * 2 ** 20)]
+    search = bench_train.find_max_batch(None, 'x', 'bfloat16', grid, resolution=8, start=8, cap=4096,
+                                        budget_s=1e9, steps=1, feed='device')
+    assert calls[0] == 232  # floor(0.95 * 1000 / 4 / 8) * 8 = 232
+    assert search['estimate_from_xla'] == 232 and search['largest_fit'] == 296 and search['resolved']
+    assert calls == [232, 256, 304, 280, 288, 296]  # increments 24, 48 (232 // 8 rounded to 8, doubled), bisection
+
+
+def test_bad_arguments_raise_value_errors():
+    with pytest.raises(ValueError, match='allowed'):
+        bench_train.main(['--smoke', '--dtypes=float16'])
+    with pytest.raises(ValueError, match='key.sub=value'):
+        bench_train.load_config('configs/cifar10.py', ['model.ch'])
+    with pytest.raises(FileNotFoundError, match='configs/cifar10.py'):
+        bench_train.load_config('configs/absent.py', [])

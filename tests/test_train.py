@@ -1,0 +1,208 @@
+"""Tests of ddpm_jax.train: optimiser and EMA semantics, exact resume, device/host invariance, errors."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import multihost_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from ddpm_jax import checkpoint, data, parallel, train  # pylint: disable=wrong-import-position
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'multihost_worker.py')
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(parallel.to_host(tree))]
+
+
+def test_learning_rate_schedule_matches_official_warmup():
+    config = multihost_worker.tiny_config(**{'optim.lr': 2e-4, 'optim.warmup_steps': 5000})
+    schedule = train.learning_rate_schedule(config.optim)
+    steps = np.array([0, 1, 2500, 4999, 5000, 10_000])
+    expected = 2e-4 * np.minimum(steps / 5000.0, 1.0)  # official utils.py: lr * min(step / warmup, 1)
+    got = np.array([float(schedule(s)) for s in steps])
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=0)  # float32 arithmetic
+    config.optim.warmup_steps = 0
+    assert float(train.learning_rate_schedule(config.optim)(0)) == np.float32(2e-4)
+
+
+def test_first_step_has_zero_lr_and_ema_follows_official_decay():
+    """Step 0 (lr 0) leaves params unchanged and copies them into the EMA; step 1 decays with ema_decay."""
+    config = multihost_worker.tiny_config()
+    assert config.optim.warmup_steps == 2 and config.optim.ema_decay == 0.75
+    mesh = parallel.make_mesh()
+    state = train.create_train_state(config, mesh)
+    init_params = _leaves(state.params)
+    step = train.make_train_step(config, mesh)
+    batches = data.train_batches(config)
+    state, metrics0 = step(state, parallel.shard_batch(next(batches)[None], mesh, batch_axis=1))
+    after0 = _leaves(state.params)
+    for before, after, ema in zip(init_params, after0, _leaves(state.ema_params)):
+        np.testing.assert_array_equal(after, before)  # lr(0) = 0
+        np.testing.assert_array_equal(ema, after)     # decay 0 at the first step: an exact copy
+    assert float(metrics0['lr'][0]) == 0.0
+    ema0 = _leaves(state.ema_params)
+    state, metrics1 = step(state, parallel.shard_batch(next(batches)[None], mesh, batch_axis=1))
+    assert float(metrics1['lr'][0]) == np.float32(config.optim.lr / 2)
+    assert int(state.step) == 2
+    changed = 0
+    for e0, p1, e1 in zip(ema0, _leaves(state.params), _leaves(state.ema_params)):
+        expected = 0.75 * e0.astype(np.float64) + 0.25 * p1.astype(np.float64)
+        np.testing.assert_allclose(e1, expected, rtol=0, atol=1e-6 * (1 + np.abs(expected).max()))  # float32 rounding
+        changed += int(np.any(p1 != e0))
+    assert changed > 0
+    assert np.isfinite(float(metrics1['loss'][0])) and float(metrics1['grad_norm'][0]) > 0
+
+
+def test_resume_is_bitwise_identical(tmp_path):
+    """2N steps in one run == N steps, a restart from the checkpoint, and N more (params, EMA, Adam)."""
+    overrides = {'training.checkpoint_every_steps': 2}
+    straight = train.train(multihost_worker.tiny_config(**overrides, **{'training.num_train_steps': 4}),
+                           str(tmp_path / 'straight'))
+    train.train(multihost_worker.tiny_config(**overrides, **{'training.num_train_steps': 2}), str(tmp_path / 'split'))
+    assert checkpoint.latest_step(str(tmp_path / 'split')) == 2
+    resumed = train.train(multihost_worker.tiny_config(**overrides, **{'training.num_train_steps': 4}),
+                          str(tmp_path / 'split'))
+    assert int(resumed.step) == int(straight.step) == 4
+    for name in ('params', 'ema_params', 'opt_state'):
+        for a, b in zip(_leaves(getattr(straight, name)), _leaves(getattr(resumed, name))):
+            np.testing.assert_array_equal(a, b)
+    # The straight run saved step 2 asynchronously and then donated the state to step 3: the
+    # checkpoint still holds step 2's values.
+    config = multihost_worker.tiny_config()
+    saved, _ = checkpoint.restore_ema_params(str(tmp_path / 'straight'), config, step=2)
+    reference, _ = checkpoint.restore_ema_params(str(tmp_path / 'split'), config, step=2)
+    for a, b in zip(_leaves(saved), _leaves(reference)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_steps_per_dispatch_matches_single_steps(tmp_path):
+    """Three steps in one dispatch (lax.scan) equal three dispatched steps."""
+    single = train.train(multihost_worker.tiny_config(**{'training.num_train_steps': 3}), str(tmp_path / 'a'))
+    scanned = train.train(multihost_worker.tiny_config(**{'training.num_train_steps': 3,
+                                                          'training.log_every_steps': 3,
+                                                          'training.steps_per_dispatch': 3}), str(tmp_path / 'b'))
+    assert int(scanned.step) == 3
+    for a, b in zip(_leaves(single.params), _leaves(scanned.params)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-7)  # scan may fuse differently: float32 rounding
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    real_batches = data.train_batches
+
+    def poisoned(config, *, start_step=0, **kwargs):
+        for step, batch in enumerate(real_batches(config, start_step=start_step, **kwargs), start=start_step):
+            yield np.full_like(batch, np.nan) if step == 3 else batch
+
+    monkeypatch.setattr(data, 'train_batches', poisoned)
+    config = multihost_worker.tiny_config(**{'training.num_train_steps': 8, 'training.checkpoint_every_steps': 2,
+                                             'training.log_every_steps': 4})
+    with pytest.raises(FloatingPointError, match='loss is nan at step 3'):
+        train.train(config, str(tmp_path))
+    assert checkpoint.latest_step(str(tmp_path)) == 2
+    params, step = checkpoint.restore_ema_params(str(tmp_path), config)
+    assert step == 2 and all(np.isfinite(leaf).all() for leaf in _leaves(params))
+
+
+def test_sigterm_saves_and_stops_cleanly(tmp_path, monkeypatch):
+    real_batches = data.train_batches
+
+    def signalling(config, *, start_step=0, **kwargs):
+        for step, batch in enumerate(real_batches(config, start_step=start_step, **kwargs), start=start_step):
+            if step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler's preemption notice would
+            yield batch
+
+    monkeypatch.setattr(data, 'train_batches', signalling)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    config = multihost_worker.tiny_config(**{'training.num_train_steps': 50, 'training.log_every_steps': 10})
+    state = train.train(config, str(tmp_path))
+    assert int(state.step) == 4  # the step in flight finishes, then the state is saved
+    assert checkpoint.latest_step(str(tmp_path)) == 4
+    assert signal.getsignal(signal.SIGTERM) is handler_before
+
+
+def test_bad_configs_give_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="Unknown config.data.name='imagenet'"):
+        train.train(multihost_worker.tiny_config(**{'data.name': 'imagenet'}), str(tmp_path / 'a'))
+    with pytest.raises(FileNotFoundError):
+        train.train(multihost_worker.tiny_config(**{'data.name': 'folder', 'data.data_dir': str(tmp_path / 'none'),
+                                                    'data.channels': 1}), str(tmp_path / 'b'))
+    with pytest.raises(ValueError, match='batch size 0 must be a positive multiple'):
+        train.train(multihost_worker.tiny_config(**{'training.batch_size': 0}), str(tmp_path / 'c'))
+    with pytest.raises(ValueError, match='steps_per_dispatch'):
+        train.train(multihost_worker.tiny_config(**{'training.steps_per_dispatch': 0}), str(tmp_path / 'd'))
+
+
+# ------------------------------------------------------------------------------------------------
+# Several devices and hosts (subprocesses with fake CPU devices).
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def _worker_command(num_devices, workdir, out, overrides, *extra):
+    return [sys.executable, WORKER, f'--num_devices={num_devices}', f'--workdir={workdir}', f'--out={out}',
+            f'--overrides={json.dumps(overrides)}', *extra]
+
+
+def _run_worker(tmp_path, name, num_devices, overrides):
+    out = tmp_path / f'{name}.npz'
+    result = subprocess.run(_worker_command(num_devices, tmp_path / name, out, overrides),
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return dict(np.load(out))
+
+
+# Three steps (lr 0, lr / 2, lr) with clipping; dropout 0, because dropout masks are drawn per device
+# (t and noise are drawn per global example, so they do not depend on the device count).
+_EQUIVALENCE = {'training.num_train_steps': 3, 'optim.grad_clip': 1.0}
+
+
+@pytest.fixture(scope='module')
+def four_device_run(tmp_path_factory):
+    return _run_worker(tmp_path_factory.mktemp('four'), 'four', 4, _EQUIVALENCE)
+
+
+def _assert_close(reference, other, atol):
+    assert sorted(reference) == sorted(other)
+    for key in reference:
+        if key in ('device_count', 'process_count'):
+            continue
+        np.testing.assert_allclose(other[key], reference[key], rtol=0, atol=atol, err_msg=key)
+
+
+def test_one_device_equals_four_devices(tmp_path, four_device_run):
+    assert int(four_device_run['device_count']) == 4 and jax.device_count() == 1
+    state = train.train(multihost_worker.tiny_config(**_EQUIVALENCE), str(tmp_path))
+    host = parallel.to_host({'params': state.params, 'ema': state.ema_params})
+    one = {**multihost_worker.flat_params(host['params'], 'params'), **multihost_worker.flat_params(host['ema'], 'ema'),
+           'device_count': 1, 'process_count': 1}
+    # Only the order of float32 sums differs (per-device means, then pmean).
+    _assert_close(one, four_device_run, atol=1e-6)
+
+
+def test_two_processes_equal_one_process(tmp_path, four_device_run):
+    port = _free_port()
+    out = tmp_path / 'multi.npz'
+    procs = [subprocess.Popen(_worker_command(2, tmp_path / 'multi', out, _EQUIVALENCE,
+                                              f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+                                              f'--process_id={i}'),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for proc, (_, stderr) in zip(procs, outputs):
+        assert proc.returncode == 0, stderr[-4000:]
+    multi = dict(np.load(out))
+    assert int(multi['process_count']) == 2 and int(multi['device_count']) == 4
+    # Same mesh and arithmetic; the cross-process all-reduce (gloo) may sum in another order.
+    _assert_close(four_device_run, multi, atol=1e-6)
+    assert checkpoint.latest_step(str(tmp_path / 'multi')) == 3
