@@ -11,21 +11,11 @@ variance beta-tilde (the official v1 GaussianDiffusion, here 'fixedsmall'), lr 2
 The TFDS dataset has only a train split (30k images), so evaluation also reads 'train'.
 This file is also the base of the LSUN configs, which differ only in data, flips and length.
 """
-import importlib.util
-import os
-
-
-def _load_sibling(file_name: str):
-    """The config module `file_name` beside this file, loaded by path (works however this file was loaded)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), file_name)
-    spec = importlib.util.spec_from_file_location(f'ddpm_configs_{file_name[:-3]}', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from ddpm_jax.config_files import load_sibling_config
 
 
 def get_config():
-    config = _load_sibling('default.py').get_config()
+    config = load_sibling_config(__file__, 'default.py')
 
     data = config.data
     data.name = 'celeb_a_hq'

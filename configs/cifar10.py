@@ -10,21 +10,11 @@ NLL <= 3.75 bits/dim on the test set (3.72 train), rate 1.78 + distortion 1.97 b
 The U-Net has 35,746,307 parameters. Data: TFDS cifar10 train (50k images); the paper used
 version 3.0.0, TFDS now ships 3.0.2 (same images).
 """
-import importlib.util
-import os
-
-
-def _load_sibling(file_name: str):
-    """The config module `file_name` beside this file, loaded by path (works however this file was loaded)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), file_name)
-    spec = importlib.util.spec_from_file_location(f'ddpm_configs_{file_name[:-3]}', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from ddpm_jax.config_files import load_sibling_config
 
 
 def get_config():
-    config = _load_sibling('default.py').get_config()
+    config = load_sibling_config(__file__, 'default.py')
 
     data = config.data
     data.name = 'cifar10'

@@ -11,21 +11,11 @@ Data: the 1,500 'train' images of sklearn.datasets.load_digits (8x8, 17 grey lev
 their native size; no flips (digits are not mirror-symmetric). Diffusion as in the paper
 (linear betas 1e-4..0.02, T = 1000, eps / fixedlarge / mse).
 """
-import importlib.util
-import os
-
-
-def _load_sibling(file_name: str):
-    """The config module `file_name` beside this file, loaded by path (works however this file was loaded)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), file_name)
-    spec = importlib.util.spec_from_file_location(f'ddpm_configs_{file_name[:-3]}', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from ddpm_jax.config_files import load_sibling_config
 
 
 def get_config():
-    config = _load_sibling('default.py').get_config()
+    config = load_sibling_config(__file__, 'default.py')
     config.data.name = 'digits'
     config.data.tfds_name = ''
     config.data.train_split = 'train'

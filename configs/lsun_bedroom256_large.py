@@ -9,21 +9,11 @@ about 256M parameters "by increasing filter count"; ch=192 gives 255,677,955 wit
 ch_mult, which is the inference made here (the official repo has no config for it). Everything
 else as configs/lsun_bedroom256.py (no random flips).
 """
-import importlib.util
-import os
-
-
-def _load_sibling(file_name: str):
-    """The config module `file_name` beside this file, loaded by path (works however this file was loaded)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), file_name)
-    spec = importlib.util.spec_from_file_location(f'ddpm_configs_{file_name[:-3]}', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from ddpm_jax.config_files import load_sibling_config
 
 
 def get_config():
-    config = _load_sibling('lsun_bedroom256.py').get_config()
+    config = load_sibling_config(__file__, 'lsun_bedroom256.py')
     config.model.ch = 192
     config.training.num_train_steps = 1_150_000
     return config

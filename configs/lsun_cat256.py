@@ -14,21 +14,11 @@ center crop and a Lanczos resize to 256x256; the paper trained on the StyleGAN t
 LSUN (cat-r08), so FIDs on this data may differ somewhat. To train on other prepared images
 (e.g. exported StyleGAN data) set --config.data.name=folder --data_dir=<root with train/**.png>.
 """
-import importlib.util
-import os
-
-
-def _load_sibling(file_name: str):
-    """The config module `file_name` beside this file, loaded by path (works however this file was loaded)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), file_name)
-    spec = importlib.util.spec_from_file_location(f'ddpm_configs_{file_name[:-3]}', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from ddpm_jax.config_files import load_sibling_config
 
 
 def get_config():
-    config = _load_sibling('celebahq256.py').get_config()
+    config = load_sibling_config(__file__, 'celebahq256.py')
     data = config.data
     data.name = 'lsun/cat'
     data.tfds_name = 'lsun/cat'

@@ -36,7 +36,6 @@ import argparse
 import ast
 import datetime
 import gc
-import importlib.util
 import json
 import math
 import os
@@ -52,7 +51,7 @@ if REPO_ROOT not in sys.path:
 import jax  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from ddpm_jax import parallel  # pylint: disable=wrong-import-position
+from ddpm_jax import config_files, parallel  # pylint: disable=wrong-import-position
 from ddpm_jax import train  # pylint: disable=wrong-import-position
 
 DTYPES = ('float32', 'bfloat16')
@@ -76,10 +75,7 @@ def load_config(path: str, overrides: list[str]):
     path = os.path.join(REPO_ROOT, path) if not os.path.isabs(path) and not os.path.exists(path) else path
     if not os.path.exists(path):
         raise FileNotFoundError(f'config file {path!r} not found; pass e.g. --config=configs/cifar10.py')
-    spec = importlib.util.spec_from_file_location('bench_config', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = config_files.load_config_file(path)
     parsed = {}
     for item in overrides:
         if '=' not in item:

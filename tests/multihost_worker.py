@@ -7,7 +7,6 @@ Writes the final params and EMA params (process 0) to --out as npz ('params/<pat
 `tiny_config` is also imported by the test modules.
 """
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -16,16 +15,15 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+from ddpm_jax import config_files  # pylint: disable=wrong-import-position
+
 
 def tiny_config(**overrides):
     """configs/digits.py shrunk for tests: a 1-level U-Net (ch 32), 8x8 digits, T = 20, batch 8, 2 steps.
 
     overrides: dotted config keys ('training.num_train_steps') -> values.
     """
-    spec = importlib.util.spec_from_file_location('digits_config', os.path.join(REPO_ROOT, 'configs', 'digits.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = config_files.load_config_file(os.path.join(REPO_ROOT, 'configs', 'digits.py'))
     config.model.ch = 32
     config.model.ch_mult = (1,)
     config.model.num_res_blocks = 1

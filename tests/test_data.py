@@ -1,22 +1,18 @@
 """Tests of ddpm_jax.data: sources (digits, TFDS under mock_data, image folder) and deterministic batching."""
-import importlib.util
 import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_jax import data
+from ddpm_jax import config_files, data
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 
 
 def _base_config(**data_overrides):
     """configs/default.py, with small digits settings unless overridden."""
-    spec = importlib.util.spec_from_file_location('test_data_default_config', os.path.join(CONFIGS_DIR, 'default.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = config_files.load_config_file(os.path.join(CONFIGS_DIR, 'default.py'))
     config.data.name = 'digits'
     config.data.image_size = 8
     config.data.channels = 1
