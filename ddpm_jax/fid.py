@@ -1,6 +1,6 @@
 """FID and Inception Score: feature statistics, the Frechet distance, the IS, cached reference stats.
 
-Everything here is float64 numpy on the host; the Inception forward pass is `make_inception_fn`.
+Everything here is float64 numpy on the host except the Inception forward pass, `make_inception_fn`.
 Protocol (SPEC.md section 6): features are the FID Inception-v3's 2048-d pool3 outputs of images in
 [-1, 1] resized to 299x299; statistics are the mean and the sample covariance (divisor n - 1);
 FID = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2).
@@ -144,25 +144,61 @@ def inception_score(logits: np.ndarray, splits: int = 10) -> Tuple[float, float]
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def make_inception_fn(model: Any, params: Any) -> Callable[[np.ndarray], Dict[str, np.ndarray]]:
-    """A jitted host function: images -> dict(pool=[b, 2048] float64 (, logits=[b, classes] float64)).
+def make_inception_fn(model: Any, params: Any, *, batch_size: Optional[int] = None,
+                      mesh: Optional[jax.sharding.Mesh] = None) -> Callable[[np.ndarray], Dict[str, np.ndarray]]:
+    """A host function on a jitted forward pass: images -> dict(pool=[b, 2048] float64 (, logits=[b, classes])).
 
     Images are [b, H, W, C] with C in {1, 3}: floats in [-1, 1], or uint8 in [0, 255] (mapped to
-    x / 127.5 - 1). One channel is repeated to three. They are resized to 299x299 inside the model.
-    Multi-device sharding is the caller's business (shard `params`/inputs before calling).
+    x / 127.5 - 1 in float32). One channel is repeated to three. Both happen on the device, and the
+    model resizes to 299x299.
+
+    Args:
+      model, params: e.g. `inception.load_inception(path)`.
+      batch_size: the images of a call go through the network in chunks of exactly this many rows (the
+        last chunk zero-padded, its padding rows dropped from the output), so that one compilation serves
+        every call; None: one chunk of the call's own size.
+      mesh: a 1-D mesh with the axis `data` (e.g. `parallel.make_mesh(jax.local_devices())`): params are
+        replicated on it and every chunk is split over its devices (batch_size must then be a multiple of
+        its size). Its devices must belong to this process. None: the default device.
     """
-    apply = jax.jit(lambda p, x: model.apply({'params': p}, x))
+    sharding = None
+    if mesh is not None:
+        num_devices = mesh.devices.size
+        if batch_size is None or batch_size <= 0 or batch_size % num_devices:
+            raise ValueError(f'batch_size={batch_size} must be a positive multiple of the mesh size {num_devices}.')
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names[0]))
+        params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    elif batch_size is not None and batch_size <= 0:
+        raise ValueError(f'batch_size={batch_size} must be positive.')
+
+    @jax.jit
+    def forward(params, images):
+        x = images.astype(jnp.float32)
+        if images.dtype == jnp.uint8:
+            x = x / 127.5 - 1.0
+        if x.shape[-1] == 1:
+            x = jnp.repeat(x, 3, axis=-1)
+        return model.apply({'params': params}, x)
 
     def inception_fn(images: np.ndarray) -> Dict[str, np.ndarray]:
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[-1] not in (1, 3):
             raise ValueError(f'images must have shape [b, H, W, 1 or 3], got {images.shape}.')
-        if images.dtype == np.uint8:
-            images = images.astype(np.float32) / 127.5 - 1.0
-        if images.shape[-1] == 1:
-            images = np.repeat(images, 3, axis=-1)
-        outputs = apply(params, jnp.asarray(images, jnp.float32))
-        return {key: np.asarray(value, np.float64) for key, value in outputs.items()}
+        if images.shape[0] == 0:
+            raise ValueError('images is empty: give at least one image.')
+        if images.dtype != np.uint8:
+            images = images.astype(np.float32)
+        chunk = batch_size or images.shape[0]
+        pending = []  # every chunk is dispatched before the first result is fetched
+        for start in range(0, images.shape[0], chunk):
+            rows = images[start:start + chunk]
+            real = rows.shape[0]
+            if real < chunk:
+                rows = np.concatenate([rows, np.zeros((chunk - real,) + rows.shape[1:], rows.dtype)])
+            pending.append((forward(params, jax.device_put(rows, sharding)), real))
+        outputs = [{key: np.asarray(value, np.float64)[:real] for key, value in out.items()}
+                   for out, real in pending]
+        return {key: np.concatenate([out[key] for out in outputs]) for key in outputs[0]}
 
     return inception_fn
 
@@ -234,7 +270,8 @@ def load_statistics(path: str) -> Tuple[Stats, str]:
 
 def cached_reference_statistics(cache_path: str, batches: BatchSource,
                                 inception_fn: Callable[[np.ndarray], Dict[str, np.ndarray]], *,
-                                key: Union[str, Dict[str, Any]] = '', max_images: Optional[int] = None) -> Stats:
+                                key: Union[str, Dict[str, Any]] = '', max_images: Optional[int] = None,
+                                write_cache: bool = True) -> Stats:
     """Reference statistics of a dataset split, computed once and cached in `cache_path` (.npz).
 
     Args:
@@ -245,6 +282,7 @@ def cached_reference_statistics(cache_path: str, batches: BatchSource,
       key: what the statistics depend on (dataset, split, image size, weights, max_images...), a string
         or a JSON-serialisable dict. A cache written with another key is recomputed and overwritten.
       max_images: as in `compute_statistics`.
+      write_cache: False computes without writing the cache (e.g. on all processes but one).
     Returns:
       (mean [2048], covariance [2048, 2048], number of images), float64.
     """
@@ -256,5 +294,6 @@ def cached_reference_statistics(cache_path: str, batches: BatchSource,
         logging.info('FID statistics cache %s has key %r, not %r: recomputing.', cache_path, cached_key,
                      key_string)
     stats = compute_statistics(batches, inception_fn, max_images=max_images)
-    save_statistics(cache_path, stats, key_string)
+    if write_cache:
+        save_statistics(cache_path, stats, key_string)
     return stats

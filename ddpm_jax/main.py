@@ -40,7 +40,7 @@ def _evaluation_mode(name: str) -> Callable:
 MODES: Dict[str, Callable] = {
     'train': _train,
     **{name: _evaluation_mode(name)
-       for name in ('sample', 'eval', 'rate_distortion', 'progressive', 'shared_xt', 'interpolate')},
+       for name in ('sample', 'eval', 'fid', 'rate_distortion', 'progressive', 'shared_xt', 'interpolate')},
 }
 
 

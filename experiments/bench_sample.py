@@ -4,10 +4,11 @@
         --batch_size=1024 --num_steps=20 --repeats=5 --out=sample.json
     python experiments/bench_sample.py --smoke --out=/tmp/smoke.json      # seconds on a CPU
 
-What is timed: one call of a jitted `sample_fn(model_fn, [B, H, W, C], rng) -> x_0`, where `sample_fn` is
-`samplers.make_sampler(config)` with config.sampling.sampler = 'ancestral' and config.sampling.num_steps = k,
-and `model_fn` is the U-Net applied with EMA-shaped float32 params and its input batch constrained to the
-mesh's data sharding, as `evaluate.generate_samples` builds it. With 0 < k < T the sampler is the paper's
+What is timed: one call of `evaluate.make_sample_batch_fn(config, evaluate.model_apply_fn(config), mesh,
+quantize=False)`, the jitted batch sampler of --mode=sample (without its final uint8 rounding, so that the
+float x_0 can be checked for non-finite values): `samplers.make_sampler(config)` with config.sampling.sampler
+= 'ancestral' and config.sampling.num_steps = k, the U-Net applied with EMA-shaped float32 params and its
+input batch constrained to the mesh's data sharding. With 0 < k < T the sampler is the paper's
 ancestral loop on k respaced timesteps (`samplers.ancestral_sample_loop` -> `diffusion.p_sample_loop` on
 a k-step diffusion): a `lax.fori_loop` of exactly k bodies, each one network evaluation at batch B plus
 the p_sample update and its noise draw; k = T runs `diffusion.p_sample_loop` itself. The network, the
@@ -36,25 +37,9 @@ import bench_train  # pylint: disable=wrong-import-position  (config loading, de
 import jax  # pylint: disable=wrong-import-position,g-bad-import-order
 import numpy as np  # pylint: disable=wrong-import-position,g-bad-import-order
 
+from ddpm_jax import evaluate  # pylint: disable=wrong-import-position
 from ddpm_jax import parallel  # pylint: disable=wrong-import-position
-from ddpm_jax import samplers  # pylint: disable=wrong-import-position
 from ddpm_jax import train  # pylint: disable=wrong-import-position
-from ddpm_jax.models import unet  # pylint: disable=wrong-import-position
-
-
-def make_sample_batch(config, mesh, batch_size: int):
-    """jit(params, rng) -> x_0 [B, H, W, C] float32 through samplers.make_sampler(config) (see module docstring)."""
-    model = unet.create_model(config)
-    sample_fn = samplers.make_sampler(config)
-    sharding = parallel.data_sharding(mesh)
-    shape = (batch_size, config.data.image_size, config.data.image_size, config.data.channels)
-
-    def sample_batch(params, rng):
-        def model_fn(x, t):
-            return model.apply({'params': params}, jax.lax.with_sharding_constraint(x, sharding), t, train=False)
-        return jax.lax.with_sharding_constraint(sample_fn(model_fn, shape, rng), sharding)
-
-    return jax.jit(sample_batch)
 
 
 def run_setting(base_config, config_name: str, dtype: str, batch_size: int, num_steps: int, repeats: int) -> dict:
@@ -79,7 +64,8 @@ def run_setting(base_config, config_name: str, dtype: str, batch_size: int, num_
         row['num_params'] = bench_train.num_params(params)
         rng = jax.random.key(config.seed + 1)
         start = time.perf_counter()
-        compiled = make_sample_batch(config, mesh, batch_size).lower(params, rng).compile()
+        sample_batch = evaluate.make_sample_batch_fn(config, evaluate.model_apply_fn(config), mesh, quantize=False)
+        compiled = sample_batch.lower(params, rng).compile()
         row['compile_s'] = time.perf_counter() - start
         row['xla_bytes'] = bench_train.compiled_bytes(compiled)
         flops = bench_train.compiled_flops(compiled)  # the fori_loop body (one step) counts once

