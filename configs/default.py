@@ -30,6 +30,12 @@ def get_config() -> ml_collections.ConfigDict:
     model.dropout = 0.1
     model.resamp_with_conv = True
     model.dtype = 'float32'             # compute dtype: 'float32' or 'bfloat16'; params stay float32
+    # Speed switches; same parameters and (up to rounding) outputs. attention: 'einsum' (two einsums, float32
+    # softmax), 'dot_product' (jax.nn.dot_product_attention, XLA), 'cudnn' (its cuDNN fused attention: GPU and
+    # bfloat16 only). remat: recompute each ResnetBlock / AttnBlock in the backward pass (less activation
+    # memory, ~1 more forward pass per train step).
+    model.attention = 'einsum'
+    model.remat = False
 
     # Diffusion (SPEC.md section 3).
     diffusion = config.diffusion = ml_collections.ConfigDict()

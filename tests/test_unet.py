@@ -313,3 +313,83 @@ def test_rejects_bad_input_shapes():
         model.init(jax.random.key(0), jnp.zeros((1, 7, 7, 3)), jnp.zeros((1,), jnp.int32), train=False)
     with pytest.raises(ValueError, match='t must have shape'):
         model.init(jax.random.key(0), jnp.zeros((2, 8, 8, 3)), jnp.zeros((1,), jnp.int32), train=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# speed switches: config.model.attention and config.model.remat
+
+
+def test_speed_switches_keep_parameter_tree():
+    reference = abstract_init(UNet(**TINY), 8)
+    for switches in (dict(attention='dot_product'), dict(remat=True)):
+        params = abstract_init(UNet(**TINY, **switches), 8)
+        assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(reference), switches
+        assert jax.tree.map(lambda p: p.shape, params) == jax.tree.map(lambda p: p.shape, reference), switches
+
+
+def test_dot_product_attention_matches_einsum(tiny_case):
+    params, x, t, reference = tiny_case
+    params32 = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+    x, t = jnp.asarray(x, jnp.float32), jnp.asarray(t)
+    einsum32 = run(UNet(**TINY), params32, x, t)
+    dot32 = run(UNet(**TINY, attention='dot_product'), params32, x, t)
+    assert dot32.dtype == jnp.float32
+    # Same float32 arithmetic, different association of the scale and fusion: measured 8e-7 of the largest
+    # output (5e-7 relative L2); also still within the float64 reference's float32 tolerance.
+    np.testing.assert_allclose(np.asarray(dot32), np.asarray(einsum32), rtol=0,
+                               atol=5e-6 * float(jnp.abs(einsum32).max()))
+    np.testing.assert_allclose(np.asarray(dot32), reference, rtol=0, atol=1e-5 * np.abs(reference).max())
+    einsum16 = run(UNet(**TINY, dtype=jnp.bfloat16), params32, x, t)
+    dot16 = run(UNet(**TINY, dtype=jnp.bfloat16, attention='dot_product'), params32, x, t)
+    # Both cast the float32 softmax to bfloat16 before the second matmul; measured bitwise equal on XLA:CPU.
+    # The bound is one bfloat16 rounding (2**-8) of the largest output, in case a backend fuses differently.
+    np.testing.assert_allclose(np.asarray(dot16), np.asarray(einsum16), rtol=0,
+                               atol=2.0 ** -8 * float(jnp.abs(einsum16).max()))
+
+
+def test_attention_switch_rejects_bad_values():
+    x, t = jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,), jnp.int32)
+    with pytest.raises(ValueError, match="'flash'.*allowed.*einsum.*dot_product.*cudnn"):
+        UNet(**TINY, attention='flash').init(jax.random.key(0), x, t, train=False)
+    with pytest.raises(ValueError, match="'flash'.*allowed"):
+        create_model(_config(attention='flash'))
+    # cuDNN fused attention takes only 16-bit inputs: float32 compute is refused before reaching cuDNN.
+    with pytest.raises(ValueError, match='cudnn.*bfloat16'):
+        jax.eval_shape(lambda: UNet(**TINY, attention='cudnn').init(jax.random.key(0), x, t, train=False))
+
+
+def test_remat_keeps_loss_and_gradients():
+    # One level with attention at 8x8 (down, mid and up attention blocks) keeps the two compilations short;
+    # dropout on: remat must replay the same masks in the recomputation.
+    model_kwargs = dict(ch=32, out_ch=3, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(8,), dropout=0.3)
+    params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), random_params(UNet(**model_kwargs), 8, seed=4))
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.uniform(-1.0, 1.0, (2, 8, 8, 3)), jnp.float32)
+    target = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)
+    t = jnp.array([3, 987], jnp.int32)
+
+    def loss_and_grads(model):
+        def loss(p):
+            out = model.apply({'params': p}, x, t, train=True, rngs={'dropout': jax.random.key(6)})
+            return jnp.mean((out - target) ** 2)
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    loss, grads = loss_and_grads(UNet(**model_kwargs))
+    loss_remat, grads_remat = loss_and_grads(UNet(**model_kwargs, remat=True))
+    # float32: the forward pass is the same computation (loss measured bitwise equal); the backward pass
+    # recomputes the block activations in differently fused code: measured 1.1e-7 of the largest gradient
+    # entry. (bfloat16 is not compared exactly: XLA may keep excess precision across fused bf16 casts, and
+    # remat moves fusion boundaries; the loss then moves by ~3e-4 relative, a bfloat16 rounding effect.)
+    np.testing.assert_allclose(float(loss_remat), float(loss), rtol=1e-6)
+    assert jax.tree_util.tree_structure(grads_remat) == jax.tree_util.tree_structure(grads)
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads))
+    assert scale > 0.01
+    for g, g_remat in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_remat)):
+        np.testing.assert_allclose(np.asarray(g_remat), np.asarray(g), rtol=0, atol=1e-6 * scale)
+
+
+def test_create_model_reads_speed_switches():
+    model = create_model(_config())
+    assert (model.attention, model.remat) == ('einsum', False)
+    model = create_model(_config(attention='dot_product', remat=True))
+    assert (model.attention, model.remat) == ('dot_product', True)

@@ -8,6 +8,11 @@ Precision: parameters are stored in `param_dtype` (float32). Convolutions, dense
 attention matmuls run in the compute `dtype` (float32 or bfloat16). GroupNorm statistics, the
 attention softmax, the timestep embedding and the output are computed in at least float32
 (`promote_types(dtype, float32)`, so float64 under `jax.enable_x64` with `dtype=float64`).
+
+Speed switches (they change neither the parameters nor, beyond rounding, the outputs):
+* `attention`: how AttnBlock computes softmax(q k^T / sqrt(C)) v; see `ATTENTION_IMPLS`.
+* `remat`: rematerialise every ResnetBlock and AttnBlock (`nn.remat`): their activations are recomputed in
+  the backward pass instead of being stored, trading about one more forward pass for activation memory.
 """
 import math
 from typing import Any, Sequence
@@ -24,6 +29,23 @@ _ZERO_INIT = nn.initializers.variance_scaling(1e-10, 'fan_avg', 'uniform')
 
 _COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 _LEARNED_VAR_TYPES = ('learned', 'learned_range')
+
+# AttnBlock implementations:
+#   'einsum': two einsums with float32 (>= float32) logits and softmax, probabilities cast to `dtype` for the
+#       second matmul.
+#   'dot_product': `jax.nn.dot_product_attention` with implementation=None, which in jax 0.10/0.11 is its XLA
+#       path on every backend: logits in promote_types(dtype, float32), softmax always in float32 (so float32
+#       rather than float64 under enable_x64), probabilities cast to `dtype`; for bfloat16 the logits matmul
+#       uses the BF16_BF16_F32 dot algorithm. Same arithmetic as 'einsum' up to rounding.
+#   'cudnn': `jax.nn.dot_product_attention(implementation='cudnn')`, cuDNN's fused (flash) attention: GPU
+#       only, bfloat16 compute only (cuDNN takes bf16/fp16 q, k, v; head dim C <= 256 on Hopper, <= 128
+#       before); the softmax is accumulated in float32 inside the kernel and never written to memory.
+ATTENTION_IMPLS = ('einsum', 'dot_product', 'cudnn')
+
+
+def _check_attention(attention: str) -> None:
+    if attention not in ATTENTION_IMPLS:
+        raise ValueError(f'attention={attention!r}; allowed: {ATTENTION_IMPLS}')
 
 
 def _float_dtype(dtype: Dtype) -> Dtype:
@@ -82,7 +104,8 @@ def _dense(features: int, name: str, *, dtype: Dtype, param_dtype: Dtype, zero_i
 class ResnetBlock(nn.Module):
     """Official `resnet_block` (unet.py:37-63); submodules norm1, conv1, temb_proj, norm2, conv2, nin_shortcut.
 
-    x: [B, H, W, C_in], temb: [B, 4ch] -> [B, H, W, out_ch] in `dtype`.
+    x: [B, H, W, C_in], temb: [B, 4ch] -> [B, H, W, out_ch] in `dtype`. `train` (dropout on) is positional so
+    that `nn.remat` can treat it as a static argument.
     """
     out_ch: int
     dropout: float
@@ -90,7 +113,7 @@ class ResnetBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = nn.swish(_normalize(_group_norm('norm1', **kw), x)).astype(self.dtype)
         h = _conv(self.out_ch, 'conv1', **kw)(h)
@@ -106,25 +129,46 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Official `attn_block` (unet.py:66-84): single-head self-attention over all H*W positions.
 
-    Submodules norm, q, k, v, proj_out. x: [B, H, W, C] -> [B, H, W, C] in `dtype`; softmax in >= float32.
+    Submodules norm, q, k, v, proj_out. x: [B, H, W, C] -> [B, H, W, C] in `dtype`; softmax in >= float32
+    (float32 for 'dot_product' / 'cudnn'). `attention` picks the implementation (`ATTENTION_IMPLS`).
     """
+    attention: str = 'einsum'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        _check_attention(self.attention)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         batch, height, width, channels = x.shape
         h = _normalize(_group_norm('norm', **kw), x).astype(self.dtype)
         q = _dense(channels, 'q', **kw)(h).reshape(batch, height * width, channels)
         k = _dense(channels, 'k', **kw)(h).reshape(batch, height * width, channels)
         v = _dense(channels, 'v', **kw)(h).reshape(batch, height * width, channels)
-        softmax_dtype = _float_dtype(self.dtype)
-        logits = jnp.einsum('bqc,bkc->bqk', q, k, preferred_element_type=softmax_dtype) * (channels ** -0.5)
-        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        h = jnp.einsum('bqk,bkc->bqc', weights, v).reshape(batch, height, width, channels)
+        scale = channels ** -0.5
+        if self.attention == 'einsum':
+            softmax_dtype = _float_dtype(self.dtype)
+            logits = jnp.einsum('bqc,bkc->bqk', q, k, preferred_element_type=softmax_dtype) * scale
+            weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+            h = jnp.einsum('bqk,bkc->bqc', weights, v)
+        else:
+            if self.attention == 'cudnn' and jnp.dtype(self.dtype) not in (jnp.bfloat16, jnp.float16):
+                raise ValueError(f"attention='cudnn' needs bfloat16 (or float16) compute, got dtype={self.dtype}; "
+                                 "use attention='dot_product' or 'einsum' for float32")
+            implementation = 'cudnn' if self.attention == 'cudnn' else None
+            # One head: [B, HW, C] -> [B, HW, 1, C] (the BTNH layout of dot_product_attention).
+            h = jax.nn.dot_product_attention(q[:, :, None, :], k[:, :, None, :], v[:, :, None, :], scale=scale,
+                                             implementation=implementation)[:, :, 0, :]
+        h = h.reshape(batch, height, width, channels)
         h = _dense(channels, 'proj_out', zero_init=True, **kw)(h)
         return x.astype(self.dtype) + h
+
+
+def _block_classes(remat: bool) -> tuple[type[ResnetBlock], type[AttnBlock]]:
+    """(ResnetBlock, AttnBlock), wrapped in `nn.remat` when remat is set (`train`, argument 3, static)."""
+    if remat:
+        return nn.remat(ResnetBlock, static_argnums=(3,)), nn.remat(AttnBlock)
+    return ResnetBlock, AttnBlock
 
 
 class Downsample(nn.Module):
@@ -187,17 +231,20 @@ class DownLevel(nn.Module):
     add_downsample: bool
     resamp_with_conv: bool
     dropout: float
+    attention: str = 'einsum'
+    remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, h: jax.Array, temb: jax.Array, *, train: bool) -> list[jax.Array]:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        resnet_block, attn_block = _block_classes(self.remat)
         outputs = []
         for j in range(self.num_res_blocks):
-            h = ResnetBlock(self.out_ch, self.dropout, **kw, name=f'block_{j}')(h, temb, train=train)
+            h = resnet_block(self.out_ch, self.dropout, **kw, name=f'block_{j}')(h, temb, train)
             if self.use_attn:
-                h = AttnBlock(**kw, name=f'attn_{j}')(h)
+                h = attn_block(self.attention, **kw, name=f'attn_{j}')(h)
             outputs.append(h)
         if self.add_downsample:
             outputs.append(Downsample(self.resamp_with_conv, **kw, name='downsample')(h))
@@ -207,16 +254,19 @@ class DownLevel(nn.Module):
 class MidLevel(nn.Module):
     """The middle `mid`: block_1, attn_1 (always present), block_2; channels unchanged."""
     dropout: float
+    attention: str = 'einsum'
+    remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, h: jax.Array, temb: jax.Array, *, train: bool) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        resnet_block, attn_block = _block_classes(self.remat)
         channels = h.shape[-1]
-        h = ResnetBlock(channels, self.dropout, **kw, name='block_1')(h, temb, train=train)
-        h = AttnBlock(**kw, name='attn_1')(h)
-        return ResnetBlock(channels, self.dropout, **kw, name='block_2')(h, temb, train=train)
+        h = resnet_block(channels, self.dropout, **kw, name='block_1')(h, temb, train)
+        h = attn_block(self.attention, **kw, name='attn_1')(h)
+        return resnet_block(channels, self.dropout, **kw, name='block_2')(h, temb, train)
 
 
 class UpLevel(nn.Module):
@@ -230,17 +280,20 @@ class UpLevel(nn.Module):
     add_upsample: bool
     resamp_with_conv: bool
     dropout: float
+    attention: str = 'einsum'
+    remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, h: jax.Array, skips: Sequence[jax.Array], temb: jax.Array, *, train: bool) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        resnet_block, attn_block = _block_classes(self.remat)
         for j, skip in enumerate(skips):
             h = jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)
-            h = ResnetBlock(self.out_ch, self.dropout, **kw, name=f'block_{j}')(h, temb, train=train)
+            h = resnet_block(self.out_ch, self.dropout, **kw, name=f'block_{j}')(h, temb, train)
             if self.use_attn:
-                h = AttnBlock(**kw, name=f'attn_{j}')(h)
+                h = attn_block(self.attention, **kw, name=f'attn_{j}')(h)
         if self.add_upsample:
             h = Upsample(self.resamp_with_conv, **kw, name='upsample')(h)
         return h
@@ -253,6 +306,7 @@ class UNet(nn.Module):
     x: [B, H, W, C] float in [-1, 1] (H = W, divisible by 2**(len(ch_mult) - 1)), t: [B] int in {0..T-1};
     returns [B, H, W, out_ch] in `promote_types(dtype, float32)` (float32 for float32/bfloat16 compute).
     Dropout (rate `dropout`, inside resblocks only) is active when train=True and uses the 'dropout' rng.
+    `attention` (one of `ATTENTION_IMPLS`) and `remat` are speed switches; see the module docstring.
     """
     ch: int
     out_ch: int
@@ -261,6 +315,8 @@ class UNet(nn.Module):
     attn_resolutions: Sequence[int]
     dropout: float = 0.0
     resamp_with_conv: bool = True
+    attention: str = 'einsum'
+    remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -273,9 +329,11 @@ class UNet(nn.Module):
                              f'{2 ** (num_levels - 1)}, got shape {x.shape}')
         if t.shape != (batch,):
             raise ValueError(f't must have shape [B] = ({batch},), got {t.shape}')
+        _check_attention(self.attention)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        switches = dict(attention=self.attention, remat=self.remat)
         common = dict(num_res_blocks=self.num_res_blocks, resamp_with_conv=self.resamp_with_conv,
-                      dropout=self.dropout, **kw)
+                      dropout=self.dropout, **switches, **kw)
 
         temb = TimestepEmbed(self.ch, **kw, name='temb')(t)
         hs = [_conv(self.ch, 'conv_in', **kw)(x.astype(self.dtype))]
@@ -284,7 +342,7 @@ class UNet(nn.Module):
             hs += DownLevel(self.ch * mult, use_attn=resolution in self.attn_resolutions,
                             add_downsample=i != num_levels - 1, **common, name=f'down_{i}')(hs[-1], temb, train=train)
 
-        h = MidLevel(self.dropout, **kw, name='mid')(hs[-1], temb, train=train)
+        h = MidLevel(self.dropout, **switches, **kw, name='mid')(hs[-1], temb, train=train)
 
         for i in reversed(range(num_levels)):
             resolution = height // 2 ** i
@@ -301,14 +359,18 @@ class UNet(nn.Module):
 def create_model(config) -> UNet:
     """The UNet of `config.model` with out_ch = config.data.channels (doubled for a learned variance).
 
-    config.model.dtype is the compute dtype: 'float32' or 'bfloat16'.
+    config.model.dtype is the compute dtype: 'float32' or 'bfloat16'; config.model.attention one of
+    `ATTENTION_IMPLS`; config.model.remat a bool.
     """
     if config.model.dtype not in _COMPUTE_DTYPES:
         raise ValueError(f'config.model.dtype={config.model.dtype!r}; allowed: {sorted(_COMPUTE_DTYPES)}')
+    if config.model.attention not in ATTENTION_IMPLS:
+        raise ValueError(f'config.model.attention={config.model.attention!r}; allowed: {ATTENTION_IMPLS}')
     out_ch = config.data.channels
     if config.diffusion.model_var_type in _LEARNED_VAR_TYPES:
         out_ch *= 2
     return UNet(ch=config.model.ch, out_ch=out_ch, ch_mult=tuple(config.model.ch_mult),
                 num_res_blocks=config.model.num_res_blocks, attn_resolutions=tuple(config.model.attn_resolutions),
                 dropout=config.model.dropout, resamp_with_conv=config.model.resamp_with_conv,
+                attention=config.model.attention, remat=bool(config.model.remat),
                 dtype=_COMPUTE_DTYPES[config.model.dtype])
