@@ -192,6 +192,83 @@ def test_missing_tfds_dataset_says_how_to_prepare(tmp_path):
     assert os.listdir(tmp_path) == []  # nothing was downloaded or created
 
 
+def _write_tfds_array_record(root, images_by_split: dict, shards_by_split: dict) -> None:
+    """A prepared TFDS 'cifar10' 3.0.2 dataset in array_record format under root, written without TensorFlow
+    in the layout TFDS writes: dataset_info.json (splits, shard lengths, file format), features.json, and
+    per split `cifar10-<split>.array_record-0000i-of-0000n` shards of serialized tf.train.Example records
+    (TFDS's own proto; id text, PNG image bytes, int64 label; writer option group_size:1 as TFDS uses).
+    Checked once against a fake CIFAR-10 written by TFDS 4.9 + TensorFlow 2 (download_and_prepare with
+    file_format='array_record'): the same files and fields, and load_source read its images bit-exactly."""
+    import io
+    import json
+    from array_record.python import array_record_module
+    from tensorflow_datasets.proto import tf_example_pb2
+
+    version_dir = root / 'cifar10' / '3.0.2'
+    version_dir.mkdir(parents=True)
+    splits = []
+    for split, images in images_by_split.items():
+        num_shards = shards_by_split[split]
+        shards = np.array_split(np.arange(len(images)), num_shards)
+        for shard_index, indices in enumerate(shards):
+            path = version_dir / f'cifar10-{split}.array_record-{shard_index:05d}-of-{num_shards:05d}'
+            writer = array_record_module.ArrayRecordWriter(str(path), 'group_size:1')
+            for i in indices:
+                png = io.BytesIO()
+                Image.fromarray(images[i]).save(png, format='PNG')
+                example = tf_example_pb2.Example()
+                features = example.features.feature
+                features['id'].bytes_list.value.append(f'{split}_{i:05d}'.encode())
+                features['image'].bytes_list.value.append(png.getvalue())
+                features['label'].int64_list.value.append(int(i % 10))
+                writer.write(example.SerializeToString())
+            writer.close()
+        splits.append({'filepathTemplate': '{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}', 'name': split,
+                       'shardLengths': [str(len(indices)) for indices in shards]})
+    info = {'fileFormat': 'array_record', 'moduleName': 'tensorflow_datasets.image_classification.cifar',
+            'name': 'cifar10', 'splits': splits, 'version': '3.0.2'}
+    (version_dir / 'dataset_info.json').write_text(json.dumps(info))
+    feature_classes = 'tensorflow_datasets.core.features.'
+    features = {'featuresDict': {'features': {
+        'id': {'pythonClassName': feature_classes + 'text_feature.Text', 'text': {}},
+        'image': {'pythonClassName': feature_classes + 'image_feature.Image',
+                  'image': {'dtype': 'uint8', 'shape': {'dimensions': ['32', '32', '3']}}},
+        'label': {'pythonClassName': feature_classes + 'class_label_feature.ClassLabel',
+                  'classLabel': {'numClasses': '10'}}}},
+        'pythonClassName': feature_classes + 'features_dict.FeaturesDict'}
+    (version_dir / 'features.json').write_text(json.dumps(features))
+
+
+def test_tfds_array_record_dataset_read_without_tensorflow(tmp_path):
+    # The real on-disk format (not mock_data, which bypasses files and PNG decoding): sharded array_record
+    # files of PNG-encoded tf.train.Examples, opened by tfds.data_source and decoded without TensorFlow.
+    rng = np.random.default_rng(3)
+    train_images = rng.integers(0, 256, (11, 32, 32, 3), dtype=np.uint8)
+    test_images = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    _write_tfds_array_record(tmp_path, {'train': train_images, 'test': test_images}, {'train': 3, 'test': 1})
+    config = _base_config(name='cifar10', tfds_name='cifar10', image_size=32, channels=3, data_dir=str(tmp_path),
+                          random_flip=False)
+
+    train = data.load_source(config, 'train')
+    assert len(train) == 11
+    # Record order is shard order; PNG is lossless, so the pixels come back bit-exactly, across shard borders.
+    np.testing.assert_array_equal(train[np.array([10, 0, 4, 3])], train_images[[10, 0, 4, 3]])
+    np.testing.assert_array_equal(train[np.arange(11)], train_images)
+    test = data.load_source(config, 'test')
+    np.testing.assert_array_equal(test[np.arange(4)], test_images)
+
+    # The training pipeline over it: every batch is a set of the stored images scaled to [-1, 1] (x/127.5 - 1).
+    config.training.batch_size = 4
+    batches = data.train_batches(config, process_index=0, process_count=1)
+    reference = train_images.astype(np.float64) / 127.5 - 1.0
+    for _ in range(3):
+        batch = next(batches)
+        assert batch.shape == (4, 32, 32, 3) and batch.dtype == np.float32
+        for image in batch:
+            distances = np.abs(reference - image).reshape(11, -1).max(axis=1)
+            assert distances.min() < 1e-6, 'a batch image is none of the stored images'
+
+
 # ---------------------------------------------------------------------------------------------
 # Training batches
 

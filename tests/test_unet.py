@@ -6,6 +6,7 @@ random non-zero weights: the official init makes conv2/proj_out/conv_out ~0 and 
 """
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from ddpm_jax.models import UNet, create_model, get_timestep_embedding
+from ddpm_jax.models import UNet, create_model, get_timestep_embedding, unet
 
 TINY = dict(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(4,))   # 8x8 input
 CIFAR10 = dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,))
@@ -393,3 +394,70 @@ def test_create_model_reads_speed_switches():
     assert (model.attention, model.remat) == ('einsum', False)
     model = create_model(_config(attention='dot_product', remat=True))
     assert (model.attention, model.remat) == ('dot_product', True)
+
+
+def _matmul_operand_types(stablehlo_text: str, op: str) -> list:
+    """[(lhs element type, rhs element type, result element type)] of every `stablehlo.<op>` in the text."""
+    types = []
+    for line in stablehlo_text.splitlines():
+        if f'stablehlo.{op}' not in line:
+            continue
+        signature = line.rsplit(' : (', 1)[1]          # "tensor<..xbf16>, tensor<..xbf16>) -> tensor<..xbf16>"
+        element_types = [shape.rsplit('x', 1)[-1] for shape in
+                         re.findall(r'tensor<([^>]*)>', signature)]
+        types.append(tuple(element_types))
+    return types
+
+
+def test_bfloat16_model_asks_for_bfloat16_convolutions_and_matmuls():
+    # What the mixed-precision option promises the accelerator: every convolution and matmul of the forward
+    # AND backward pass takes bfloat16 operands (float32 parameters are cast before use, and their gradients
+    # come out of bfloat16 convolutions); only the attention logits accumulate into float32. Checked on the
+    # lowered StableHLO, i.e. what XLA is asked to compute on any backend (XLA:CPU may upcast internally).
+    # attention='dot_product' (jax's XLA path) does not keep this: its logits gradient is float32 times
+    # upcast q / k.
+    model = UNet(**TINY, dtype=jnp.bfloat16, attention='einsum')
+    params = abstract_init(model, 8)
+    x = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
+    t = jax.ShapeDtypeStruct((2,), jnp.int32)
+
+    def loss(p, x, t):
+        out = model.apply({'params': p}, x, t, train=False)
+        return jnp.mean(jnp.square(out.astype(jnp.float32) - x))
+
+    text = jax.jit(jax.value_and_grad(loss)).lower(params, x, t).as_text()
+    convolutions = _matmul_operand_types(text, 'convolution')
+    # Forward 3x3 convolutions: conv_in, 2 per ResnetBlock (4 down, 2 mid, 6 up: 24), downsample, upsample,
+    # conv_out = 28 (the nin shortcuts are dense layers). Backward: a filter gradient for each of the 28 and an
+    # input gradient for all but conv_in (its input x is not differentiated): 28 + 28 + 27 = 83.
+    assert len(convolutions) == 83, len(convolutions)
+    assert set(convolutions) == {('bf16', 'bf16', 'bf16')}, sorted(set(convolutions))
+    dots = _matmul_operand_types(text, 'dot_general')
+    assert dots, 'no dot_general: the dense layers and attention matmuls are missing'
+    assert {(lhs, rhs) for lhs, rhs, _ in dots} == {('bf16', 'bf16')}, sorted(set(dots))
+    # bfloat16 results everywhere except the attention logits (and their gradient), which are float32.
+    assert {result for _, _, result in dots} <= {'bf16', 'f32'}
+    assert any(result == 'bf16' for _, _, result in dots)
+
+
+def test_attention_logits_gradient_is_plain_autodiff_in_float64():
+    # The custom VJP of the logits only rounds the cotangent to the compute dtype; in float64 (no rounding)
+    # it must equal the gradient of the plain einsum, written here in numpy: d<G, q k^T>/dq = G k, /dk = G^T q.
+    rng = np.random.default_rng(11)
+    q, k, g = rng.normal(size=(2, 5, 3)), rng.normal(size=(2, 4, 3)), rng.normal(size=(2, 5, 4))
+    with jax.enable_x64(True):
+        logits, vjp = jax.vjp(unet._attention_logits, jnp.asarray(q), jnp.asarray(k))
+        dq, dk = vjp(jnp.asarray(g))
+        assert logits.dtype == dq.dtype == dk.dtype == jnp.float64
+        np.testing.assert_allclose(np.asarray(logits), np.einsum('bqc,bkc->bqk', q, k), rtol=1e-13)
+        np.testing.assert_allclose(np.asarray(dq), np.einsum('bqk,bkc->bqc', g, k), rtol=1e-13)
+        np.testing.assert_allclose(np.asarray(dk), np.einsum('bqk,bqc->bkc', g, q), rtol=1e-13)
+    # bfloat16 inputs: float32 logits, bfloat16 gradients (the cotangent rounded to bfloat16 first).
+    q16, k16 = jnp.asarray(q, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16)
+    logits16, vjp16 = jax.vjp(unet._attention_logits, q16, k16)
+    dq16, dk16 = vjp16(jnp.asarray(g, jnp.float32))
+    assert logits16.dtype == jnp.float32 and dq16.dtype == dk16.dtype == jnp.bfloat16
+    g_rounded = np.asarray(jnp.asarray(g, jnp.bfloat16), np.float64)
+    reference = np.einsum('bqk,bkc->bqc', g_rounded, np.asarray(k16, np.float64))
+    # bfloat16 output rounding: 2**-8 relative to each entry (the products are exact in float32 accumulation).
+    np.testing.assert_allclose(np.asarray(dq16, np.float64), reference, rtol=2 ** -8, atol=1e-6)

@@ -32,15 +32,40 @@ _LEARNED_VAR_TYPES = ('learned', 'learned_range')
 
 # AttnBlock implementations:
 #   'einsum': two einsums with float32 (>= float32) logits and softmax, probabilities cast to `dtype` for the
-#       second matmul.
+#       second matmul; in the backward pass all four matmuls take `dtype` operands (`_attention_logits`).
 #   'dot_product': `jax.nn.dot_product_attention` with implementation=None, which in jax 0.10/0.11 is its XLA
 #       path on every backend: logits in promote_types(dtype, float32), softmax always in float32 (so float32
 #       rather than float64 under enable_x64), probabilities cast to `dtype`; for bfloat16 the logits matmul
-#       uses the BF16_BF16_F32 dot algorithm. Same arithmetic as 'einsum' up to rounding.
+#       uses the BF16_BF16_F32 dot algorithm. Same arithmetic as 'einsum' up to rounding in the forward pass;
+#       in the backward pass two of its matmuls run in float32 (float32 cotangent times upcast q or k).
 #   'cudnn': `jax.nn.dot_product_attention(implementation='cudnn')`, cuDNN's fused (flash) attention: GPU
 #       only, bfloat16 compute only (cuDNN takes bf16/fp16 q, k, v; head dim C <= 256 on Hopper, <= 128
 #       before); the softmax is accumulated in float32 inside the kernel and never written to memory.
 ATTENTION_IMPLS = ('einsum', 'dot_product', 'cudnn')
+
+
+@jax.custom_vjp
+def _attention_logits(q: jax.Array, k: jax.Array) -> jax.Array:
+    """q: [B, Q, C], k: [B, K, C] (compute dtype) -> q k^T: [B, Q, K] in promote_types(dtype, float32).
+
+    The gradient is the plain one, except that the incoming float32 cotangent is rounded to the compute
+    dtype first, so with bfloat16 compute the two backward matmuls take bfloat16 operands like every other
+    matmul of the backward pass (plain autodiff would upcast q and k and run both in float32).
+    """
+    return jnp.einsum('bqc,bkc->bqk', q, k, preferred_element_type=_float_dtype(q.dtype))
+
+
+def _attention_logits_fwd(q, k):
+    return _attention_logits(q, k), (q, k)
+
+
+def _attention_logits_bwd(residuals, logits_grad):
+    q, k = residuals
+    logits_grad = logits_grad.astype(q.dtype)
+    return jnp.einsum('bqk,bkc->bqc', logits_grad, k), jnp.einsum('bqk,bqc->bkc', logits_grad, q)
+
+
+_attention_logits.defvjp(_attention_logits_fwd, _attention_logits_bwd)
 
 
 def _check_attention(attention: str) -> None:
@@ -147,8 +172,7 @@ class AttnBlock(nn.Module):
         v = _dense(channels, 'v', **kw)(h).reshape(batch, height * width, channels)
         scale = channels ** -0.5
         if self.attention == 'einsum':
-            softmax_dtype = _float_dtype(self.dtype)
-            logits = jnp.einsum('bqc,bkc->bqk', q, k, preferred_element_type=softmax_dtype) * scale
+            logits = _attention_logits(q, k) * scale
             weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
             h = jnp.einsum('bqk,bkc->bqc', weights, v)
         else:
