@@ -33,9 +33,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Speed switches; same parameters and (up to rounding) outputs. attention: 'einsum' (two einsums, float32
     # softmax), 'dot_product' (jax.nn.dot_product_attention, XLA), 'cudnn' (its cuDNN fused attention: GPU and
     # bfloat16 only). remat: recompute each ResnetBlock / AttnBlock in the backward pass (less activation
-    # memory, ~1 more forward pass per train step).
+    # memory, ~1 more forward pass per train step). fast_variance: one-pass GroupNorm variance E[x^2] - E[x]^2
+    # (one read of each activation less; the official code is two-pass). Checkpoints load whatever these are.
     model.attention = 'einsum'
     model.remat = False
+    model.fast_variance = False
 
     # Diffusion (SPEC.md section 3).
     diffusion = config.diffusion = ml_collections.ConfigDict()

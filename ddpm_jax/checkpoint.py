@@ -32,6 +32,9 @@ KIND_PARAMS_ONLY = 'params_only'
 
 # Config entries a checkpoint is tied to: the params' shapes and meaning depend on them.
 _COMPATIBILITY_KEYS = ('model', 'diffusion', 'data.image_size', 'data.channels')
+# How the model computes, not what its parameters mean: may differ between the run that wrote a checkpoint and
+# the one that reads it (e.g. train in float32, sample in bfloat16 with cuDNN attention).
+_COMPUTE_SWITCHES = ('model.dtype', 'model.attention', 'model.remat', 'model.fast_variance')
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -114,12 +117,13 @@ def _flatten(value: Any, prefix: str) -> dict:
 
 
 def check_compatible(saved_config: dict, config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming every config entry that makes a checkpoint unusable with `config`."""
+    """Raises ValueError naming every config entry that makes a checkpoint unusable with `config`: the model,
+    diffusion and image-shape entries, except the compute switches (`_COMPUTE_SWITCHES`)."""
     saved, current = _config_dict(saved_config), _config_dict(config)
     differing = []
     for key in _COMPATIBILITY_KEYS:
         old, new = _flatten(_select(saved, key), key), _flatten(_select(current, key), key)
-        for name in sorted(set(old) | set(new)):
+        for name in sorted((set(old) | set(new)) - set(_COMPUTE_SWITCHES)):
             if old.get(name) != new.get(name):
                 differing.append(f'{name}: checkpoint {old.get(name)!r} vs config {new.get(name)!r}')
     if differing:

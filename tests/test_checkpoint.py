@@ -146,6 +146,16 @@ def test_incompatible_config_is_refused_naming_the_keys(tmp_path, config, mesh):
     longer = multihost_worker.tiny_config(**{'training.batch_size': 16, 'optim.lr': 1e-3})
     _, step = checkpoint.restore_ema_params(workdir, longer)
     assert step == 1
+    # Nor do the compute switches: a float32 run's checkpoint is sampled in bfloat16, with other attention
+    # code, remat or one-pass GroupNorm variance; also when the saved config predates a switch.
+    switched = multihost_worker.tiny_config(**{'model.dtype': 'bfloat16', 'model.attention': 'dot_product',
+                                               'model.remat': True, 'model.fast_variance': True})
+    params, step = checkpoint.restore_ema_params(workdir, switched)
+    assert step == 1
+    _assert_state_equal(params, _state_at(config, mesh, 1).ema_params)
+    saved = multihost_worker.tiny_config().to_dict()
+    del saved['model']['fast_variance']
+    checkpoint.check_compatible(saved, switched)
 
 
 def test_params_only_checkpoint_and_restore_ema_params(tmp_path, config, mesh):

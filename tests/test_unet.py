@@ -317,15 +317,29 @@ def test_rejects_bad_input_shapes():
 
 
 # ------------------------------------------------------------------------------------------------
-# speed switches: config.model.attention and config.model.remat
+# speed switches: config.model.attention, remat and fast_variance
 
 
 def test_speed_switches_keep_parameter_tree():
     reference = abstract_init(UNet(**TINY), 8)
-    for switches in (dict(attention='dot_product'), dict(remat=True)):
+    for switches in (dict(attention='dot_product'), dict(remat=True), dict(fast_variance=True)):
         params = abstract_init(UNet(**TINY, **switches), 8)
         assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(reference), switches
         assert jax.tree.map(lambda p: p.shape, params) == jax.tree.map(lambda p: p.shape, reference), switches
+
+
+def test_fast_variance_matches_two_pass_reference(tiny_case):
+    # E[x^2] - E[x]^2 is the same variance as the reference's two-pass E[(x - E[x])^2]; it differs only by
+    # rounding, amplified by (mean^2 + var) / var within a group (O(1) here: a few units).
+    params, x, t, reference = tiny_case
+    with jax.enable_x64(True):
+        model = UNet(**TINY, fast_variance=True, dtype=jnp.float64, param_dtype=jnp.float64)
+        out = np.asarray(run(model, params, jnp.asarray(x), jnp.asarray(t)))
+    np.testing.assert_allclose(out, reference, rtol=0, atol=1e-12 * np.abs(reference).max())
+    params32 = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+    out32 = run(UNet(**TINY, fast_variance=True), params32, jnp.asarray(x, jnp.float32), jnp.asarray(t))
+    # The float32 tolerance of test_forward_matches_numpy_reference_float32.
+    np.testing.assert_allclose(np.asarray(out32), reference, rtol=0, atol=1e-5 * np.abs(reference).max())
 
 
 def test_dot_product_attention_matches_einsum(tiny_case):
@@ -393,7 +407,8 @@ def test_create_model_reads_speed_switches():
     model = create_model(_config())
     assert (model.attention, model.remat) == ('einsum', False)
     model = create_model(_config(attention='dot_product', remat=True))
-    assert (model.attention, model.remat) == ('dot_product', True)
+    assert (model.attention, model.remat, model.fast_variance) == ('dot_product', True, False)
+    assert create_model(_config(fast_variance=True)).fast_variance
 
 
 def _matmul_operand_types(stablehlo_text: str, op: str) -> list:

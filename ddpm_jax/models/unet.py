@@ -13,6 +13,9 @@ Speed switches (they change neither the parameters nor, beyond rounding, the out
 * `attention`: how AttnBlock computes softmax(q k^T / sqrt(C)) v; see `ATTENTION_IMPLS`.
 * `remat`: rematerialise every ResnetBlock and AttnBlock (`nn.remat`): their activations are recomputed in
   the backward pass instead of being stored, trading about one more forward pass for activation memory.
+* `fast_variance`: GroupNorm variance as E[x^2] - E[x]^2 (one pass over the activation, both sums in one
+  reduction) instead of the official two-pass E[(x - E[x])^2] (a second read of the activation after the mean).
+  Both in float32; they differ by float32 rounding unless |mean| >> std within a group.
 """
 import math
 from typing import Any, Sequence
@@ -97,12 +100,13 @@ def get_timestep_embedding(timesteps: jax.Array, embedding_dim: int, dtype: Dtyp
     return emb
 
 
-def _group_norm(name: str, *, dtype: Dtype, param_dtype: Dtype) -> nn.GroupNorm:
-    """The official `normalize`: GroupNorm, 32 groups, eps 1e-6, two-pass variance (as TF), in >= float32.
+def _group_norm(name: str, *, dtype: Dtype, param_dtype: Dtype, fast_variance: bool = False) -> nn.GroupNorm:
+    """The official `normalize`: GroupNorm, 32 groups, eps 1e-6, in >= float32; two-pass variance (as TF)
+    unless `fast_variance` (one pass, E[x^2] - E[x]^2).
 
     Apply it to x: [B, H, W, C] already cast to `promote_types(dtype, float32)`; see `_normalize`.
     """
-    return nn.GroupNorm(num_groups=32, epsilon=1e-6, use_fast_variance=False, dtype=_float_dtype(dtype),
+    return nn.GroupNorm(num_groups=32, epsilon=1e-6, use_fast_variance=fast_variance, dtype=_float_dtype(dtype),
                         param_dtype=param_dtype, name=name)
 
 
@@ -134,16 +138,18 @@ class ResnetBlock(nn.Module):
     """
     out_ch: int
     dropout: float
+    fast_variance: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = nn.swish(_normalize(_group_norm('norm1', **kw), x)).astype(self.dtype)
+        norm_kw = dict(fast_variance=self.fast_variance, **kw)
+        h = nn.swish(_normalize(_group_norm('norm1', **norm_kw), x)).astype(self.dtype)
         h = _conv(self.out_ch, 'conv1', **kw)(h)
         h = h + _dense(self.out_ch, 'temb_proj', **kw)(nn.swish(temb))[:, None, None, :]
-        h = nn.swish(_normalize(_group_norm('norm2', **kw), h)).astype(self.dtype)
+        h = nn.swish(_normalize(_group_norm('norm2', **norm_kw), h)).astype(self.dtype)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = _conv(self.out_ch, 'conv2', zero_init=True, **kw)(h)
         if x.shape[-1] != self.out_ch:
@@ -158,6 +164,7 @@ class AttnBlock(nn.Module):
     (float32 for 'dot_product' / 'cudnn'). `attention` picks the implementation (`ATTENTION_IMPLS`).
     """
     attention: str = 'einsum'
+    fast_variance: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -166,7 +173,7 @@ class AttnBlock(nn.Module):
         _check_attention(self.attention)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         batch, height, width, channels = x.shape
-        h = _normalize(_group_norm('norm', **kw), x).astype(self.dtype)
+        h = _normalize(_group_norm('norm', fast_variance=self.fast_variance, **kw), x).astype(self.dtype)
         q = _dense(channels, 'q', **kw)(h).reshape(batch, height * width, channels)
         k = _dense(channels, 'k', **kw)(h).reshape(batch, height * width, channels)
         v = _dense(channels, 'v', **kw)(h).reshape(batch, height * width, channels)
@@ -257,6 +264,7 @@ class DownLevel(nn.Module):
     dropout: float
     attention: str = 'einsum'
     remat: bool = False
+    fast_variance: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -266,9 +274,9 @@ class DownLevel(nn.Module):
         resnet_block, attn_block = _block_classes(self.remat)
         outputs = []
         for j in range(self.num_res_blocks):
-            h = resnet_block(self.out_ch, self.dropout, **kw, name=f'block_{j}')(h, temb, train)
+            h = resnet_block(self.out_ch, self.dropout, self.fast_variance, **kw, name=f'block_{j}')(h, temb, train)
             if self.use_attn:
-                h = attn_block(self.attention, **kw, name=f'attn_{j}')(h)
+                h = attn_block(self.attention, self.fast_variance, **kw, name=f'attn_{j}')(h)
             outputs.append(h)
         if self.add_downsample:
             outputs.append(Downsample(self.resamp_with_conv, **kw, name='downsample')(h))
@@ -280,6 +288,7 @@ class MidLevel(nn.Module):
     dropout: float
     attention: str = 'einsum'
     remat: bool = False
+    fast_variance: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -288,9 +297,9 @@ class MidLevel(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         resnet_block, attn_block = _block_classes(self.remat)
         channels = h.shape[-1]
-        h = resnet_block(channels, self.dropout, **kw, name='block_1')(h, temb, train)
-        h = attn_block(self.attention, **kw, name='attn_1')(h)
-        return resnet_block(channels, self.dropout, **kw, name='block_2')(h, temb, train)
+        h = resnet_block(channels, self.dropout, self.fast_variance, **kw, name='block_1')(h, temb, train)
+        h = attn_block(self.attention, self.fast_variance, **kw, name='attn_1')(h)
+        return resnet_block(channels, self.dropout, self.fast_variance, **kw, name='block_2')(h, temb, train)
 
 
 class UpLevel(nn.Module):
@@ -306,6 +315,7 @@ class UpLevel(nn.Module):
     dropout: float
     attention: str = 'einsum'
     remat: bool = False
+    fast_variance: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -315,9 +325,9 @@ class UpLevel(nn.Module):
         resnet_block, attn_block = _block_classes(self.remat)
         for j, skip in enumerate(skips):
             h = jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)
-            h = resnet_block(self.out_ch, self.dropout, **kw, name=f'block_{j}')(h, temb, train)
+            h = resnet_block(self.out_ch, self.dropout, self.fast_variance, **kw, name=f'block_{j}')(h, temb, train)
             if self.use_attn:
-                h = attn_block(self.attention, **kw, name=f'attn_{j}')(h)
+                h = attn_block(self.attention, self.fast_variance, **kw, name=f'attn_{j}')(h)
         if self.add_upsample:
             h = Upsample(self.resamp_with_conv, **kw, name='upsample')(h)
         return h
@@ -330,7 +340,8 @@ class UNet(nn.Module):
     x: [B, H, W, C] float in [-1, 1] (H = W, divisible by 2**(len(ch_mult) - 1)), t: [B] int in {0..T-1};
     returns [B, H, W, out_ch] in `promote_types(dtype, float32)` (float32 for float32/bfloat16 compute).
     Dropout (rate `dropout`, inside resblocks only) is active when train=True and uses the 'dropout' rng.
-    `attention` (one of `ATTENTION_IMPLS`) and `remat` are speed switches; see the module docstring.
+    `attention` (one of `ATTENTION_IMPLS`), `remat` and `fast_variance` are speed switches; see the module
+    docstring.
     """
     ch: int
     out_ch: int
@@ -341,6 +352,7 @@ class UNet(nn.Module):
     resamp_with_conv: bool = True
     attention: str = 'einsum'
     remat: bool = False
+    fast_variance: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -355,7 +367,7 @@ class UNet(nn.Module):
             raise ValueError(f't must have shape [B] = ({batch},), got {t.shape}')
         _check_attention(self.attention)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        switches = dict(attention=self.attention, remat=self.remat)
+        switches = dict(attention=self.attention, remat=self.remat, fast_variance=self.fast_variance)
         common = dict(num_res_blocks=self.num_res_blocks, resamp_with_conv=self.resamp_with_conv,
                       dropout=self.dropout, **switches, **kw)
 
@@ -375,7 +387,8 @@ class UNet(nn.Module):
                         add_upsample=i != 0, **common, name=f'up_{i}')(h, skips, temb, train=train)
         assert not hs, 'every skip connection must be consumed'
 
-        h = nn.swish(_normalize(_group_norm('norm_out', **kw), h)).astype(self.dtype)
+        h = nn.swish(_normalize(_group_norm('norm_out', fast_variance=self.fast_variance, **kw), h)
+                     ).astype(self.dtype)
         h = _conv(self.out_ch, 'conv_out', zero_init=True, **kw)(h)
         return h.astype(_float_dtype(self.dtype))
 
@@ -384,7 +397,8 @@ def create_model(config) -> UNet:
     """The UNet of `config.model` with out_ch = config.data.channels (doubled for a learned variance).
 
     config.model.dtype is the compute dtype: 'float32' or 'bfloat16'; config.model.attention one of
-    `ATTENTION_IMPLS`; config.model.remat a bool.
+    `ATTENTION_IMPLS`; config.model.remat and config.model.fast_variance bools (fast_variance may be absent
+    from configs written before it existed: False).
     """
     if config.model.dtype not in _COMPUTE_DTYPES:
         raise ValueError(f'config.model.dtype={config.model.dtype!r}; allowed: {sorted(_COMPUTE_DTYPES)}')
@@ -397,4 +411,5 @@ def create_model(config) -> UNet:
                 num_res_blocks=config.model.num_res_blocks, attn_resolutions=tuple(config.model.attn_resolutions),
                 dropout=config.model.dropout, resamp_with_conv=config.model.resamp_with_conv,
                 attention=config.model.attention, remat=bool(config.model.remat),
+                fast_variance=bool(config.model.get('fast_variance', False)),
                 dtype=_COMPUTE_DTYPES[config.model.dtype])
