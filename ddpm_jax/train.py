@@ -129,19 +129,22 @@ def _compiled_init(key: _CompileKey, mesh: jax.sharding.Mesh) -> Callable[[], Tr
     return jax.jit(init, out_shardings=parallel.replicated_sharding(mesh))
 
 
-def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Callable:
+def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *,
+                    donate_state: bool = True) -> Callable:
     """The compiled step `(state, batches [K, B, H, W, C]) -> (state, metrics {name: [K]})`.
 
     Runs K = batches.shape[0] optimizer steps in one dispatch (lax.scan). `batches` holds the global
-    batches sharded on axis 1 (`parallel.shard_batch(..., batch_axis=1)`); the state is replicated and
-    donated. Metrics (replicated): loss (batch mean), grad_norm (global norm of the averaged gradient,
-    before clipping), lr (the learning rate of the step).
+    batches sharded on axis 1 (`parallel.shard_batch(..., batch_axis=1)`); the state is replicated and,
+    with `donate_state` (default), donated: its buffers are reused for the new state and deleted; False
+    keeps the input state alive (same results; for measuring what donation saves). Metrics (replicated):
+    loss (batch mean), grad_norm (global norm of the averaged gradient, before clipping), lr (the
+    learning rate of the step).
     """
-    return _compiled_train_step(_CompileKey(config), mesh)
+    return _compiled_train_step(_CompileKey(config), mesh, bool(donate_state))
 
 
 @functools.lru_cache(maxsize=4)
-def _compiled_train_step(key: _CompileKey, mesh: jax.sharding.Mesh) -> Callable:
+def _compiled_train_step(key: _CompileKey, mesh: jax.sharding.Mesh, donate_state: bool) -> Callable:
     config = key.config
     model = unet.create_model(config)
     diffusion = diffusion_lib.diffusion_from_config(config)
@@ -185,7 +188,7 @@ def _compiled_train_step(key: _CompileKey, mesh: jax.sharding.Mesh) -> Callable:
 
     sharded = jax.shard_map(device_steps, mesh=mesh, in_specs=(P(), P(None, parallel.DATA_AXIS)),
                             out_specs=(P(), P()))
-    return jax.jit(sharded, donate_argnums=0)
+    return jax.jit(sharded, donate_argnums=0 if donate_state else ())
 
 
 def make_grid_sampler(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, num_samples: int) -> Callable:

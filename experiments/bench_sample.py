@@ -21,7 +21,8 @@ Each setting: params from `train.init_params` (random, float32 as the EMA params
 compile, reported apart; XLA's cost analysis counts the loop body once, so its FLOPs / B are those of one
 step per image, 11.67 GFLOP for the CIFAR-10 U-Net), one untimed call, then --repeats timed calls (wall clock up to
 `block_until_ready`); ms / step = median call time / k, throughput = B * k / median call time.
-The table and JSON rows share bench_train.py's schema (`bench_train.py --summarize` prints both).
+The table and JSON rows share bench_train.py's schema (`bench_train.py --summarize` prints both), the
+`settings` column included (the --set overrides as given and XLA_FLAGS; `bench_train.settings_label`).
 """
 import argparse
 import datetime
@@ -42,9 +43,11 @@ from ddpm_jax import parallel  # pylint: disable=wrong-import-position
 from ddpm_jax import train  # pylint: disable=wrong-import-position
 
 
-def run_setting(base_config, config_name: str, dtype: str, batch_size: int, num_steps: int, repeats: int) -> dict:
+def run_setting(base_config, config_name: str, dtype: str, batch_size: int, num_steps: int, repeats: int, *,
+                settings: str = 'default') -> dict:
+    """Benchmarks one setting; returns its row (status 'oom' when it does not fit; `settings` stored as given)."""
     row = dict(bench='sample', config=config_name, image_size=int(base_config.data.image_size), dtype=dtype,
-               batch_size=batch_size, num_steps=num_steps, unit='img-steps/s', status='ok')
+               batch_size=batch_size, num_steps=num_steps, unit='img-steps/s', settings=settings, status='ok')
     config = base_config.copy_and_resolve_references()
     config.model.dtype = dtype
     config.sampling.sampler = 'ancestral'
@@ -126,11 +129,14 @@ def main(argv=None) -> dict:
     if repeats < 1:
         raise ValueError(f'--repeats={repeats} must be positive')
 
+    xla_flags = os.environ.get('XLA_FLAGS', '')
+    settings = bench_train.settings_label(bench_train.parse_overrides(args.set), xla_flags=xla_flags)
     result = dict(benchmark='sample', date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-                  device=bench_train.device_info(), config=args.config, overrides=parsed, smoke=args.smoke,
+                  device=bench_train.device_info(), config=args.config, overrides=parsed,
+                  set_overrides=list(args.set), xla_flags=xla_flags, settings=settings, smoke=args.smoke,
                   sampler='ancestral (samplers.make_sampler, respaced to num_steps)', rows=[])
     for dtype in dtypes:
-        row = run_setting(config, config_name, dtype, batch_size, num_steps, repeats)
+        row = run_setting(config, config_name, dtype, batch_size, num_steps, repeats, settings=settings)
         result['rows'].append(row)
         print(f"{dtype} batch {batch_size} x {num_steps} steps: {row['status']} "
               f"{bench_train.fmt_number(row.get('throughput'))} img-steps/s, "

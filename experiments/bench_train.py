@@ -5,10 +5,13 @@
     python experiments/bench_train.py --config=configs/celebahq256.py --dtypes=bfloat16 \
         --batch_sizes=64 --find_max_batch --max_batch_budget_s=150 --out=train256.json
     python experiments/bench_train.py --smoke --out=/tmp/smoke.json      # seconds on a CPU
+    python experiments/bench_train.py --config=configs/cifar10.py --dtypes=bfloat16 --batch_sizes=128 \
+        --no_donate --out=train_no_donate.json          # PERF_NOTES lever 4: the state not donated
 
 For each setting of the grid dtypes x batch_sizes x steps_per_dispatch (K):
   * the state comes from `train.create_train_state` and the step from `train.make_train_step`, the
-    function `train.train` runs (K optimizer steps per dispatch through its lax.scan, state donated);
+    function `train.train` runs (K optimizer steps per dispatch through its lax.scan, state donated;
+    --no_donate: `make_train_step(..., donate_state=False)`, the input state kept alive);
   * the data are random uint8 images of the config's size mapped to [-1, 1] as `data.train_batches`
     does, stacked [K, B, H, W, C] and split over the mesh with `parallel.shard_batch`; with
     --feed=host (default, as the train loop) the host batch is transferred on every dispatch, with
@@ -31,6 +34,11 @@ then bisects down to --max_batch_resolution, while the next probe is expected to
 --max_batch_budget_s seconds of the process start (each probe compiles).
 
 --summarize A.json B.json ... prints one table of the rows of earlier runs (train and sample).
+
+Every row (grid, max-batch probe, and bench_sample.py's rows) carries `settings`, the table's last column:
+what the row measured beyond its config file, dtype, batch and K: the --set overrides as given (without
+--smoke's own), XLA_FLAGS when set, 'feed=device', 'no donation'; 'default' when none (`settings_label`).
+The JSON's top level also keeps the raw --set list (`set_overrides`) and `xla_flags`.
 """
 import argparse
 import ast
@@ -76,6 +84,13 @@ def load_config(path: str, overrides: list[str]):
     if not os.path.exists(path):
         raise FileNotFoundError(f'config file {path!r} not found; pass e.g. --config=configs/cifar10.py')
     config = config_files.load_config_file(path)
+    parsed = parse_overrides(overrides)
+    apply_overrides(config, parsed)
+    return config, parsed
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`key.sub=value` strings -> {key: value}: values parsed as Python literals, anything else kept as a string."""
     parsed = {}
     for item in overrides:
         if '=' not in item:
@@ -86,8 +101,25 @@ def load_config(path: str, overrides: list[str]):
         except (ValueError, SyntaxError):
             value = text
         parsed[key] = value
-    apply_overrides(config, parsed)
-    return config, parsed
+    return parsed
+
+
+def settings_label(overrides: dict, *, xla_flags: str = '', feed: str = 'host', donate_state: bool = True) -> str:
+    """The `settings` cell of a row: what it measured beyond config file, dtype, batch and K.
+
+    overrides: {key: value} of --set (strings shown unquoted), then `XLA_FLAGS=...` when set, `feed=device`
+    when not the default host feed, `no donation` when the state was not donated; 'default' when none.
+    E.g. 'model.attention=cudnn, XLA_FLAGS=--xla_gpu_enable_command_buffer=, no donation'.
+    """
+    parts = [f'{key}={value if isinstance(value, str) else repr(value).replace(" ", "")}'
+             for key, value in overrides.items()]
+    if xla_flags.strip():
+        parts.append(f'XLA_FLAGS={xla_flags.strip()}')
+    if feed != 'host':
+        parts.append(f'feed={feed}')
+    if not donate_state:
+        parts.append('no donation')
+    return ', '.join(parts) or 'default'
 
 
 def apply_overrides(config, overrides: dict) -> None:
@@ -193,7 +225,7 @@ def fmt_number(value, digits=0) -> str:
 def format_table(rows: list[dict]) -> str:
     """One Markdown table of train and sample rows (the schema written by both scripts)."""
     header = ['bench', 'config', 'dtype', 'batch', 'K / steps', 'compile s', 'ms / step', 'throughput',
-              'pipelined', 'unit', 'target', 'TFLOP/s', 'peak GiB', 'XLA est GiB', 'status']
+              'pipelined', 'unit', 'target', 'TFLOP/s', 'peak GiB', 'XLA est GiB', 'status', 'settings']
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for row in rows:
         per = row.get('steps_per_dispatch', row.get('num_steps'))
@@ -201,7 +233,8 @@ def format_table(rows: list[dict]) -> str:
                  fmt_number(row.get('compile_s'), 1), fmt_number(row.get('step_ms_median'), 2),
                  fmt_number(row.get('throughput')), fmt_number(row.get('throughput_pipelined')), row.get('unit', ''),
                  fmt_number(row.get('target')), fmt_number(row.get('tflop_s'), 1),
-                 fmt_gib(row.get('peak_bytes')), fmt_gib(row.get('xla_bytes')), row.get('status', 'ok')]
+                 fmt_gib(row.get('peak_bytes')), fmt_gib(row.get('xla_bytes')), row.get('status', 'ok'),
+                 row.get('settings', '–').replace('|', '\\|')]
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
@@ -220,7 +253,8 @@ def print_report(result: dict) -> None:
 
 
 def summarize(paths: list[str]) -> None:
-    """Prints one table of the rows of several result files (train and sample)."""
+    """Prints one table of the rows of several result files (train and sample); rows of files written before
+    the `settings` field get it from the file's top level (overrides, XLA_FLAGS, feed; donation was always on)."""
     rows, devices = [], set()
     for path in paths:
         if not os.path.exists(path):
@@ -230,12 +264,24 @@ def summarize(paths: list[str]) -> None:
             result = json.load(f)
         devices.add(f"{result['device']['device_kind']} x{result['device']['device_count']}, "
                     f"jax {result['device']['jax_version']}")
-        rows.extend(result['rows'])
+        settings = result.get('settings') or _settings_of_old_result(result)
+        rows.extend(dict(row, settings=row.get('settings', settings)) for row in result['rows'])
         if result.get('max_batch'):
             search = result['max_batch']
-            rows.extend(dict(probe, bench='max_batch') for probe in search['probes'])
+            rows.extend(dict(probe, bench='max_batch', settings=probe.get('settings', settings))
+                        for probe in search['probes'])
     print('# devices: ' + '; '.join(sorted(devices)))
     print(format_table(rows))
+
+
+def _settings_of_old_result(result: dict) -> str:
+    """settings_label of a result file without the field: its parsed overrides less --smoke's own."""
+    smoke = json.loads(json.dumps(SMOKE_OVERRIDES)) if result.get('smoke') else {}
+    missing = object()
+    overrides = {key: value for key, value in result.get('overrides', {}).items()
+                 if smoke.get(key, missing) != value}
+    return settings_label(overrides, xla_flags=result.get('device', {}).get('xla_flags', ''),
+                          feed=result.get('feed', 'host'))
 
 
 # ------------------------------------------------------------------------------------------- the benchmark
@@ -257,10 +303,13 @@ def setting_config(base_config, dtype: str, batch_size: int, steps_per_dispatch:
 
 
 def run_setting(base_config, config_name: str, dtype: str, batch_size: int, steps_per_dispatch: int, *,
-                steps: int, pipelined_steps: int, feed: str) -> dict:
-    """Benchmarks one setting; returns its row (status 'oom' when it does not fit)."""
+                steps: int, pipelined_steps: int, feed: str, donate_state: bool = True,
+                settings: str = 'default') -> dict:
+    """Benchmarks one setting; returns its row (status 'oom' when it does not fit). `settings`: the row's
+    settings_label (what the caller changed: overrides, XLA_FLAGS, feed, donation), stored as given."""
     row = dict(bench='train', config=config_name, image_size=int(base_config.data.image_size), dtype=dtype,
-               batch_size=batch_size, steps_per_dispatch=steps_per_dispatch, unit='img/s', feed=feed, status='ok')
+               batch_size=batch_size, steps_per_dispatch=steps_per_dispatch, unit='img/s', feed=feed,
+               donate_state=donate_state, settings=settings, status='ok')
     began = time.perf_counter()
     config = setting_config(base_config, dtype, batch_size, steps_per_dispatch)
     if config_name == 'cifar10' and batch_size == 128:
@@ -279,7 +328,8 @@ def run_setting(base_config, config_name: str, dtype: str, batch_size: int, step
             lambda: device_batches)
 
         start = time.perf_counter()
-        compiled = train.make_train_step(config, mesh).lower(state, device_batches).compile()
+        compiled = train.make_train_step(config, mesh, donate_state=donate_state).lower(
+            state, device_batches).compile()
         row['compile_s'] = time.perf_counter() - start
         row['xla_bytes'] = compiled_bytes(compiled)
         flops = compiled_flops(compiled)  # one optimizer step: the scan body of K > 1 counts once
@@ -338,13 +388,14 @@ def _round_down(value: float, resolution: int) -> int:
 
 def find_max_batch(base_config, config_name: str, dtype: str, grid_rows: list[dict], *, resolution: int,
                    start: int, cap: int, budget_s: float, steps: int, feed: str, began: Optional[float] = None,
-                   on_probe: Optional[Callable[[dict], None]] = None) -> dict:
+                   on_probe: Optional[Callable[[dict], None]] = None, donate_state: bool = True,
+                   settings: str = 'default') -> dict:
     """Largest global batch (a multiple of `resolution`) whose train step runs; see the module docstring.
 
     A probe starts only while time.perf_counter() - began (default: now) plus the wall time of the last
     setting run (grid row or probe) stays within budget_s. Returns dict(largest_fit, smallest_failure,
     resolved, probes [rows], ...); `on_probe(partial result)` is called after every probe (the script saves
-    its JSON there, so a run stopped by a time limit keeps them).
+    its JSON there, so a run stopped by a time limit keeps them). donate_state, settings: as run_setting's.
     """
     began = time.perf_counter() if began is None else began
     fitted = [r for r in grid_rows if r['dtype'] == dtype and r['steps_per_dispatch'] == 1 and r['status'] == 'ok']
@@ -377,7 +428,8 @@ def find_max_batch(base_config, config_name: str, dtype: str, grid_rows: list[di
 
     expected_s = max((r.get('wall_s', 0.0) for r in grid_rows if r['dtype'] == dtype), default=0.0)
     while probe is not None and time.perf_counter() - began + expected_s < budget_s:
-        row = run_setting(base_config, config_name, dtype, probe, 1, steps=steps, pipelined_steps=0, feed=feed)
+        row = run_setting(base_config, config_name, dtype, probe, 1, steps=steps, pipelined_steps=0, feed=feed,
+                          donate_state=donate_state, settings=settings)
         probes.append(row)
         expected_s = row.get('wall_s', 0.0)
         print(f'max batch probe {probe}: {row["status"]} {fmt_number(row.get("throughput"))} img/s', flush=True)
@@ -417,6 +469,8 @@ def main(argv=None) -> dict:
     parser.add_argument('--pipelined_steps', type=int, default=None,
                         help='optimizer steps of the unsynced phase (default: --steps; 0 skips it)')
     parser.add_argument('--feed', default='host', choices=('host', 'device'))
+    parser.add_argument('--no_donate', action='store_true',
+                        help='do not donate the train state to the step (make_train_step(donate_state=False))')
     parser.add_argument('--out', default=None, help='JSON result path')
     parser.add_argument('--find_max_batch', action='store_true')
     parser.add_argument('--max_batch_resolution', type=int, default=8)
@@ -450,14 +504,19 @@ def main(argv=None) -> dict:
         if min(values) < 1:
             raise ValueError(f'--{name}={values} must be positive')
 
+    donate_state = not args.no_donate
+    xla_flags = os.environ.get('XLA_FLAGS', '')
+    settings = settings_label(parse_overrides(args.set), xla_flags=xla_flags, feed=args.feed,
+                              donate_state=donate_state)
     result = dict(benchmark='train', date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-                  device=device_info(), config=args.config, overrides=parsed, smoke=args.smoke, feed=args.feed,
+                  device=device_info(), config=args.config, overrides=parsed, set_overrides=list(args.set),
+                  xla_flags=xla_flags, settings=settings, smoke=args.smoke, feed=args.feed, donate_state=donate_state,
                   steps=steps, pipelined_steps=pipelined, rows=[])
     for dtype in dtypes:
         for batch_size in batch_sizes:
             for spd in spds:
                 row = run_setting(config, config_name, dtype, batch_size, spd, steps=steps, pipelined_steps=pipelined,
-                                  feed=args.feed)
+                                  feed=args.feed, donate_state=donate_state, settings=settings)
                 result['rows'].append(row)
                 print(f"{dtype} batch {batch_size} K={spd}: {row['status']} "
                       f"{fmt_number(row.get('throughput'))} img/s, compile {fmt_number(row.get('compile_s'), 1)} s",
@@ -474,7 +533,8 @@ def main(argv=None) -> dict:
         result['max_batch'] = find_max_batch(
             config, config_name, dtypes[0], result['rows'], resolution=args.max_batch_resolution,
             start=args.max_batch_start, cap=args.max_batch_cap, budget_s=args.max_batch_budget_s,
-            steps=args.max_batch_steps, feed=args.feed, began=began, on_probe=save_partial)
+            steps=args.max_batch_steps, feed=args.feed, began=began, on_probe=save_partial, donate_state=donate_state,
+            settings=settings)
     if args.out:
         write_json(args.out, result)
     print_report(result)

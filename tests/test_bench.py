@@ -1,14 +1,19 @@
-"""Tests of the benchmark scripts (experiments/bench_train.py, bench_sample.py): smoke runs and max-batch search.
+"""Tests of the benchmark scripts (experiments/bench_train.py, bench_sample.py): smoke runs, the settings
+column, max-batch search, and the train step's donation switch that bench_train.py --no_donate uses.
 
 The smoke runs go in subprocesses (the scripts are programs; both start at once, the test machine has 2 cores)
-and check the JSON they write, the table they print and that their timings are positive. The max-batch
-search is checked in-process against a fake setting runner that runs out of memory above a known batch.
+and check the JSON they write, the table they print and that their timings are positive; the train run has a
+--set override and --no_donate, the sample run an XLA_FLAGS environment, so each row's settings cell is
+checked end to end. The max-batch search is checked in-process against a fake setting runner that runs out of
+memory above a known batch.
 """
 import json
 import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,22 +21,31 @@ EXPERIMENTS = os.path.join(REPO_ROOT, 'experiments')
 sys.path.insert(0, EXPERIMENTS)
 import bench_train  # pylint: disable=wrong-import-position
 
+from ddpm_jax import parallel, train  # pylint: disable=wrong-import-position
+
 TABLE_HEADER = '| bench | config | dtype | batch |'
+TABLE_HEADER_END = '| status | settings |'
+# A real XLA flag that changes nothing in a one-device CPU process.
+HARMLESS_XLA_FLAGS = '--xla_force_host_platform_device_count=1'
+TRAIN_SETTINGS = 'model.attention=dot_product, no donation'
+SAMPLE_SETTINGS = f'XLA_FLAGS={HARMLESS_XLA_FLAGS}'
 
 
 @pytest.fixture(scope='module')
 def smoke_runs(tmp_path_factory):
     """Runs both scripts in --smoke mode concurrently; returns {name: (completed process, parsed JSON)}."""
     out_dir = tmp_path_factory.mktemp('bench')
-    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO_ROOT)
+    env = {key: value for key, value in os.environ.items() if key != 'XLA_FLAGS'}
+    env.update(JAX_PLATFORMS='cpu', PYTHONPATH=REPO_ROOT)
+    envs = {'train': env, 'sample': dict(env, XLA_FLAGS=HARMLESS_XLA_FLAGS)}
     commands = {
         'train': [sys.executable, os.path.join(EXPERIMENTS, 'bench_train.py'), '--smoke',
                   '--steps_per_dispatch=1,2', '--find_max_batch', '--max_batch_cap=8',
-                  f'--out={out_dir / "train.json"}'],
+                  '--set', 'model.attention=dot_product', '--no_donate', f'--out={out_dir / "train.json"}'],
         'sample': [sys.executable, os.path.join(EXPERIMENTS, 'bench_sample.py'), '--smoke',
                    f'--out={out_dir / "sample.json"}'],
     }
-    processes = {name: subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+    processes = {name: subprocess.Popen(command, cwd=REPO_ROOT, env=envs[name], stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True) for name, command in commands.items()}
     runs = {}
     for name, process in processes.items():
@@ -46,6 +60,12 @@ def test_train_smoke_writes_rows_with_positive_throughput(smoke_runs):
     output, result = smoke_runs['train']
     assert TABLE_HEADER in output and 'cifar10_smoke' in output
     assert result['benchmark'] == 'train' and result['smoke']
+    # The settings: only what --set gave (not --smoke's overrides) and the donation switch, as the last column.
+    assert result['set_overrides'] == ['model.attention=dot_product'] and result['xla_flags'] == ''
+    assert result['donate_state'] is False and result['settings'] == TRAIN_SETTINGS
+    table_lines = [line for line in output.splitlines() if line.startswith('| train |')]
+    assert len(table_lines) == 2 and all(line.endswith(f'| ok | {TRAIN_SETTINGS} |') for line in table_lines)
+    assert TABLE_HEADER_END in output
     assert result['device']['jax_version'] and result['device']['device_kind']
     rows = result['rows']
     assert [(r['dtype'], r['batch_size'], r['steps_per_dispatch']) for r in rows] == [('float32', 8, 1),
@@ -58,6 +78,7 @@ def test_train_smoke_writes_rows_with_positive_throughput(smoke_runs):
         assert row['throughput'] == pytest.approx(8 / (row['step_ms_median'] / 1e3), rel=1e-9)
         assert row['timed_steps'] >= 4
         assert row['num_params'] > 0 and row['image_size'] == 8
+        assert row['settings'] == TRAIN_SETTINGS and row['donate_state'] is False
     search = result['max_batch']
     # The grid's batch 8 already reaches the cap: no probe (the search itself is tested with a fake runner below).
     assert search['largest_fit'] == 8 and search['resolved'] and search['probes'] == []
@@ -68,12 +89,14 @@ def test_sample_smoke_counts_one_network_evaluation_per_step(smoke_runs):
     assert TABLE_HEADER in output and 'img-steps/s' in output
     (row,) = result['rows']
     assert row['status'] == 'ok' and row['num_steps'] == 5 and row['batch_size'] == 8
+    assert result['set_overrides'] == [] and result['xla_flags'] == HARMLESS_XLA_FLAGS
+    assert row['settings'] == SAMPLE_SETTINGS and output.count(f'| ok | {SAMPLE_SETTINGS} |') == 1
     assert row['compile_s'] > 0 and row['throughput'] > 0
     assert row['throughput'] == pytest.approx(8 * 5 / row['call_s_median'], rel=1e-9)
     assert row['step_ms_median'] == pytest.approx(1e3 * row['call_s_median'] / 5, rel=1e-9)
 
 
-def test_summarize_prints_rows_of_both_files(smoke_runs, tmp_path, capsys):
+def test_summarize_prints_one_table_with_the_settings_of_every_row(smoke_runs, tmp_path, capsys):
     paths = []
     for name, (_, result) in smoke_runs.items():
         if name == 'train':  # one max-batch probe row, as a GPU run writes
@@ -81,10 +104,34 @@ def test_summarize_prints_rows_of_both_files(smoke_runs, tmp_path, capsys):
         path = tmp_path / f'{name}.json'
         path.write_text(json.dumps(result))
         paths.append(str(path))
-    bench_train.main(['--summarize', *paths, str(tmp_path / 'absent.json')])
+    # A file written before the settings field: its settings come from its top level (XLA_FLAGS here; the
+    # parsed overrides it keeps are --smoke's own, which the label leaves out).
+    _, sample = smoke_runs['sample']
+    old = {key: value for key, value in sample.items() if key not in ('settings', 'set_overrides', 'xla_flags')}
+    old['rows'] = [{key: value for key, value in row.items() if key != 'settings'} for row in sample['rows']]
+    (tmp_path / 'old.json').write_text(json.dumps(old))
+    bench_train.main(['--summarize', *paths, str(tmp_path / 'old.json'), str(tmp_path / 'absent.json')])
     printed = capsys.readouterr().out
-    assert printed.count('| train |') == 2 and printed.count('| sample |') == 1
+    assert printed.count(TABLE_HEADER) == 1 and printed.count(TABLE_HEADER_END) == 1
+    assert printed.count('| train |') == 2 and printed.count('| sample |') == 2
     assert printed.count('| max_batch | cifar10_smoke | float32 | 16 |') == 1 and '(missing: ' in printed
+    assert printed.count(f'| {TRAIN_SETTINGS} |') == 3 and printed.count(f'| {SAMPLE_SETTINGS} |') == 2
+
+
+def test_settings_label_names_every_switch():
+    assert bench_train.settings_label({}) == 'default'
+    assert bench_train.settings_label(bench_train.parse_overrides(
+        ["model.attention='cudnn'", 'model.remat=True', 'model.ch_mult=(1, 2)'])) == (
+            'model.attention=cudnn, model.remat=True, model.ch_mult=(1,2)')
+    assert bench_train.settings_label({}, xla_flags=' --xla_gpu_enable_command_buffer= ', feed='device',
+                                      donate_state=False) == (
+        'XLA_FLAGS=--xla_gpu_enable_command_buffer=, feed=device, no donation')
+    row = dict(bench='train', config='c', dtype='bfloat16', batch_size=8, steps_per_dispatch=1,
+               settings='XLA_FLAGS=--a|b')
+    no_settings = {key: value for key, value in row.items() if key != 'settings'}
+    lines = bench_train.format_table([row, no_settings]).splitlines()
+    # A '|' inside a cell is escaped so the Markdown table keeps its columns; a row without the field shows '–'.
+    assert lines[2].endswith('| ok | XLA_FLAGS=--a\\|b |') and lines[3].endswith('| ok | – |')
 
 
 def _fake_runner(limit, calls):
@@ -132,3 +179,24 @@ def test_bad_arguments_raise_value_errors():
         bench_train.load_config('configs/cifar10.py', ['model.ch'])
     with pytest.raises(FileNotFoundError, match='configs/cifar10.py'):
         bench_train.load_config('configs/absent.py', [])
+
+
+def test_train_step_donates_the_state_unless_told_not_to():
+    """donate_state=True deletes the input state's buffers, False keeps them; the new states are bitwise equal."""
+    overrides = [f'{key}={value!r}' for key, value in bench_train.SMOKE_OVERRIDES.items()]
+    config, _ = bench_train.load_config('configs/cifar10.py', overrides + ['model.attn_resolutions=()',
+                                                                          'training.batch_size=2'])
+    mesh = parallel.make_mesh()
+    batches = parallel.shard_batch(bench_train.synthetic_batches(config, 1, 2), mesh, batch_axis=1)
+    results = {}
+    for donate_state in (False, True):
+        state = train.create_train_state(config, mesh)
+        new_state, metrics = train.make_train_step(config, mesh, donate_state=donate_state)(state, batches)
+        deleted = [leaf.is_deleted() for leaf in jax.tree.leaves(state)]
+        assert all(deleted) if donate_state else not any(deleted), (donate_state, deleted)
+        results[donate_state] = jax.tree.map(np.asarray, (new_state, metrics))
+    kept, donated = (jax.tree.leaves(results[flag]) for flag in (False, True))
+    assert len(kept) == len(donated) > 4
+    for a, b in zip(kept, donated):  # bitwise: the same compiled arithmetic, only buffer aliasing differs
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+    assert results[True][0].step == 1 and np.all(np.isfinite(results[True][1]['loss']))
