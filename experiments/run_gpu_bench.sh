@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One GPU run of both benchmarks over the settings of issue 6: about 7 minutes, hard stop at TOTAL_S (420 s).
+# One GPU run of both benchmarks over the settings of issue 6, plus a profile: about 9 minutes, hard stop at
+# TOTAL_S (540 s).
 #
 # Prepare once, on a machine with PyPI access, in the repository root (.whl/ is git-ignored). The device
 # image has jax 0.11.2 (CUDA), flax, optax, orbax, absl-py, pillow, numpy; it lacks ml_collections and
@@ -13,15 +14,16 @@
 # (their own needs, PyYAML, six, numpy, packaging, protobuf, are in the image). Then, with the device tool:
 #   run(command="bash experiments/run_gpu_bench.sh", carry=[".whl"], timeout_s=600)
 # Elsewhere: OUT=/some/dir bash experiments/run_gpu_bench.sh
-# Check the script itself on a CPU (tiny models, ~2 minutes): SMOKE=1 OUT=/tmp/b bash experiments/run_gpu_bench.sh
-# Rerun some stages only: STAGES=sample,256 bash experiments/run_gpu_bench.sh (default train,sample,attn,256,remat).
+# Check the script itself on a CPU (tiny models, ~3 minutes): SMOKE=1 OUT=/tmp/b bash experiments/run_gpu_bench.sh
+# Rerun some stages only: STAGES=sample,256 bash experiments/run_gpu_bench.sh
+# (default train,sample,256,levers,fp32,profile,remat: the order of importance, which is also the run order).
 #
-# Writes $OUT/{train_cifar10.json, sample_cifar10.json, train_256.json, attn_train_cifar10.json,
-# attn_sample_cifar10.json, remat_train_256.json, gpu.txt, log.txt, summary.md}; prints the tables (python3
-# experiments/bench_train.py --summarize $OUT/*.json prints the rows again; the attn_/remat_ files hold the
-# rows of config.model.attention=$ATTN / config.model.remat=True, which the table's columns do not show).
-# Each stage has its own time limit and saves its JSON after every setting, so a stage cut short keeps what
-# it measured; time a stage leaves unused goes to the 256x256 stages at the end.
+# Writes $OUT/{train_cifar10.json, sample_cifar10.json, train_256.json, levers_sample_*.json,
+# levers_train_cifar10.json, fp32_train_cifar10.json, profile_cifar10.json, remat_train_256.json, gpu.txt, log.txt,
+# summary.md}; prints the tables. Every row names its switches in the table's `settings` column, so
+# `python3 experiments/bench_train.py --summarize $OUT/*.json` prints them again as one table. Each stage has its
+# own time limit and saves its JSON after every setting, so a stage cut short keeps what it measured; time the
+# stages leave unused goes to the last one (remat).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ddpm_gpu_bench}
@@ -29,8 +31,8 @@ PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 LOG="$OUT/log.txt"
-TOTAL_S=${TOTAL_S:-420}
-STAGES=${STAGES:-train,sample,attn,256,remat}
+TOTAL_S=${TOTAL_S:-540}
+STAGES=${STAGES:-train,sample,256,levers,fp32,profile,remat}
 # The attention lever: cuDNN fused attention (GPU, bfloat16 only); the CPU smoke run checks the stage with the
 # portable XLA path of jax.nn.dot_product_attention instead.
 if [ "${SMOKE:-0}" = 1 ]; then
@@ -66,43 +68,34 @@ stage() {  # stage NAME SECONDS ARGS...: one benchmark process under a time limi
   local name=$1 limit=$2
   shift 2
   case ",$STAGES," in *",${name%%_*},"*) ;; *) echo "=== $name not in STAGES=$STAGES" | tee -a "$LOG"; return;; esac
+  local remaining=$((TOTAL_S - (SECONDS - SCRIPT_START)))
+  [ "$limit" -gt "$remaining" ] && limit=$remaining
+  if [ "$limit" -lt 20 ]; then
+    echo "=== $name skipped: ${remaining}s of TOTAL_S=${TOTAL_S}s left" | tee -a "$LOG"
+    return
+  fi
   echo "=== $name (limit ${limit}s, at ${SECONDS}s)" | tee -a "$LOG"
   timeout -k 10 "$limit" "$PYTHON" "$@" 2>&1 | tee -a "$LOG"
   echo "=== $name exit ${PIPESTATUS[0]} at ${SECONDS}s" | tee -a "$LOG"
 }
 
-# 1. CIFAR-10 training at batch 128 (target >= 6,000 img/s): bfloat16 / float32 x 1 / 10 steps per dispatch
-#    (bfloat16 first: if the time limit cuts the stage, the likeliest winner is measured).
-stage train_cifar10 150 experiments/bench_train.py $SMOKE_FLAG --config=configs/cifar10.py \
-    --dtypes=bfloat16,float32 --batch_sizes=$CIFAR_BATCH --steps_per_dispatch=1,10 --steps=$STEPS \
+# 1. CIFAR-10 training at batch 128 (target >= 6,000 img/s): bfloat16, 1 and 10 steps per dispatch.
+stage train_cifar10 110 experiments/bench_train.py $SMOKE_FLAG --config=configs/cifar10.py \
+    --dtypes=bfloat16 --batch_sizes=$CIFAR_BATCH --steps_per_dispatch=1,10 --steps=$STEPS \
     --out="$OUT/train_cifar10.json"
 
 # 2. CIFAR-10 sampling at batch 1024 (target >= 50,000 img-steps/s): 20 reverse steps per call, 5 calls.
-stage sample_cifar10 75 experiments/bench_sample.py $SMOKE_FLAG --config=configs/cifar10.py \
+stage sample_cifar10 60 experiments/bench_sample.py $SMOKE_FLAG --config=configs/cifar10.py \
     --dtypes=bfloat16,float32 --batch_size=$SAMPLE_BATCH --num_steps=$SAMPLE_STEPS --repeats=5 \
     --out="$OUT/sample_cifar10.json"
 
-# 3. The attention lever (PERF_NOTES lever 5): config.model.attention=$ATTN, bfloat16, against the einsum rows of
-#    stages 1 and 2 (sampling first: the larger predicted gain).
-stage attn_sample_cifar10 40 experiments/bench_sample.py $SMOKE_FLAG --config=configs/cifar10.py \
-    --set model.attention="'$ATTN'" --dtypes=bfloat16 --batch_size=$SAMPLE_BATCH --num_steps=$SAMPLE_STEPS \
-    --repeats=5 --out="$OUT/attn_sample_cifar10.json"
-stage attn_train_cifar10 45 experiments/bench_train.py $SMOKE_FLAG --config=configs/cifar10.py \
-    --set model.attention="'$ATTN'" --dtypes=bfloat16 --batch_sizes=$CIFAR_BATCH --steps_per_dispatch=1 \
-    --steps=$STEPS --out="$OUT/attn_train_cifar10.json"
-
-# 4. The 256x256 model (CelebA-HQ / LSUN U-Net, 113.7M params): bfloat16 at batch 64, then the largest batch,
-#    without and then with rematerialisation (config.model.remat=True, PERF_NOTES lever 8). The plain stage gets
-#    half of what is left of TOTAL_S when the remat stage follows, the remat stage the rest; a max-batch probe
-#    starts only if it should end within the stage's budget (the estimate is the wall time of the last
-#    setting, compile included).
-stage_256() {  # stage_256 NAME SHARE_PERCENT OUT_JSON EXTRA_ARGS...
-  local name=$1 share=$2 out=$3
+# 3. The 256x256 model (CelebA-HQ / LSUN U-Net, 113.7M params): bfloat16 at batch 64, then the largest batch
+#    (a probe starts only if it should end within the stage's budget, judged by the last setting's wall time).
+stage_256() {  # stage_256 NAME LIMIT_S OUT_JSON EXTRA_ARGS...
+  local name=$1 limit=$2 out=$3
   shift 3
-  local remaining=$((TOTAL_S - (SECONDS - SCRIPT_START)))
-  local limit=$((remaining * share / 100))
   if [ "$limit" -le 45 ]; then
-    echo "=== $name skipped: only ${limit}s of ${remaining}s left for it" | tee -a "$LOG"
+    echo "=== $name skipped: only ${limit}s left for it" | tee -a "$LOG"
     return
   fi
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 stage "$name" "$limit" experiments/bench_train.py $SMOKE_FLAG \
@@ -110,20 +103,43 @@ stage_256() {  # stage_256 NAME SHARE_PERCENT OUT_JSON EXTRA_ARGS...
       --steps=$STEPS --pipelined_steps=20 --find_max_batch --max_batch_budget_s=$((limit - 15)) \
       --max_batch_resolution=8 --max_batch_cap=$MAX_CAP --out="$out" "$@"
 }
-case ",$STAGES," in *",remat,"*) SHARE_256=50;; *) SHARE_256=100;; esac
-stage_256 256_train $SHARE_256 "$OUT/train_256.json"
-stage_256 remat_train_256 100 "$OUT/remat_train_256.json" --set model.remat=True
+stage_256 256_train 120 "$OUT/train_256.json"
+
+# 4. Levers on bfloat16 (PERF_NOTES levers 5 and 11), each added to the one before so every increment shows:
+#    sampling with attention=$ATTN, then also with fast_variance; training with both.
+stage levers_sample_attn 35 experiments/bench_sample.py $SMOKE_FLAG --config=configs/cifar10.py \
+    --set model.attention="'$ATTN'" --dtypes=bfloat16 --batch_size=$SAMPLE_BATCH --num_steps=$SAMPLE_STEPS \
+    --repeats=5 --out="$OUT/levers_sample_attn.json"
+stage levers_sample_attn_fv 35 experiments/bench_sample.py $SMOKE_FLAG --config=configs/cifar10.py \
+    --set model.attention="'$ATTN'" --set model.fast_variance=True --dtypes=bfloat16 --batch_size=$SAMPLE_BATCH \
+    --num_steps=$SAMPLE_STEPS --repeats=5 --out="$OUT/levers_sample_attn_fv.json"
+stage levers_train_cifar10 45 experiments/bench_train.py $SMOKE_FLAG --config=configs/cifar10.py \
+    --set model.attention="'$ATTN'" --set model.fast_variance=True --dtypes=bfloat16 --batch_sizes=$CIFAR_BATCH \
+    --steps_per_dispatch=1 --steps=$STEPS --out="$OUT/levers_train_cifar10.json"
+
+# 5. float32 training (the reference's fp32 column; lever 1 is bfloat16 against this row).
+stage fp32_train_cifar10 50 experiments/bench_train.py $SMOKE_FLAG --config=configs/cifar10.py \
+    --dtypes=float32 --batch_sizes=$CIFAR_BATCH --steps_per_dispatch=1 --steps=$STEPS \
+    --out="$OUT/fp32_train_cifar10.json"
+
+# 6. Where the device time goes: per-category profile of one bfloat16 train step (batch 128) and one sampling
+#    step (batch 1024), default switches.
+#    CUDA graphs off (XLA_FLAGS) so every kernel keeps its HLO instruction in the trace: kernel times are what
+#    count here, not launch gaps. Traces (tens of MB) stay outside $OUT.
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" stage profile_cifar10 60 experiments/profile_step.py \
+    $SMOKE_FLAG --config=configs/cifar10.py --what=train,sample --dtype=bfloat16 --out="$OUT/profile_cifar10.json" \
+    --trace_dir=/tmp/ddpm_profile_traces
+
+# 7. Rematerialisation for the 256x256 model (lever 8): what is left of TOTAL_S.
+stage_256 remat_train_256 $((TOTAL_S - (SECONDS - SCRIPT_START) - 5)) "$OUT/remat_train_256.json" \
+    --set model.remat=True
 
 echo
 echo "=== all stages done in $((SECONDS - SCRIPT_START))s"
+bench_files=$(ls "$OUT"/train_cifar10.json "$OUT"/levers_train_cifar10.json "$OUT"/fp32_train_cifar10.json \
+    "$OUT"/sample_cifar10.json "$OUT"/levers_sample_attn.json "$OUT"/levers_sample_attn_fv.json \
+    "$OUT"/train_256.json "$OUT"/remat_train_256.json 2>/dev/null)
 {
-  echo "## default model (attention='einsum', remat=False)"
-  "$PYTHON" experiments/bench_train.py --summarize "$OUT/train_cifar10.json" "$OUT/sample_cifar10.json" \
-      "$OUT/train_256.json"
-  echo
-  echo "## config.model.attention='$ATTN' (compare with the bfloat16 rows above)"
-  "$PYTHON" experiments/bench_train.py --summarize "$OUT/attn_train_cifar10.json" "$OUT/attn_sample_cifar10.json"
-  echo
-  echo "## config.model.remat=True (256x256; compare with train_256 above)"
-  "$PYTHON" experiments/bench_train.py --summarize "$OUT/remat_train_256.json"
+  "$PYTHON" experiments/bench_train.py --summarize $bench_files
+  [ -f "$OUT/profile_cifar10.json" ] && "$PYTHON" experiments/profile_step.py --summarize "$OUT/profile_cifar10.json"
 } 2>&1 | tee "$OUT/summary.md"
