@@ -234,8 +234,16 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
 
 
 class _StopRequest:
-    """SIGTERM -> save and stop at the next step boundary (single host); on several hosts the
-    JAX preemption sync point (via orbax) decides, so every host stops at the same step."""
+    """When a preempted run saves and stops, at a step boundary that every host agrees on.
+
+    Single host: SIGTERM sets a flag (this handler replaces the default one, which would kill the
+    process); the run stops after the dispatch in flight.
+    Several hosts: `jax.distributed.initialize` installs JAX's preemption notifier, a C++ SIGTERM
+    handler. A SIGTERM to any one host reaches all hosts through the coordination service; they agree
+    on a sync step, one past the largest step any host has reported to `reached_preemption`, which
+    is then True at that exact step on every host. No Python handler is installed here: it would
+    replace the notifier's, and no host would learn of the preemption.
+    """
 
     def __init__(self):
         self.requested = False
@@ -252,9 +260,13 @@ class _StopRequest:
         logging.warning('SIGTERM received: saving a checkpoint and stopping.')
         self.requested = True
 
-    def should_stop(self, manager, step: int) -> bool:
+    def should_stop(self, manager, steps: range) -> bool:
+        """Whether to save and stop after a dispatch; `steps`: the step counts it passed through
+        (range(5, 7) for a dispatch that took the run from step 4 to step 6)."""
         if jax.process_count() > 1:
-            return bool(manager.reached_preemption(step))
+            # Report every step count of the dispatch: the sync step may fall inside it (with
+            # steps_per_dispatch > 1), and is missed for good if only the dispatch's last step is reported.
+            return any(manager.reached_preemption(step) for step in steps)
         return self.requested
 
     def __exit__(self, *exc):
@@ -364,6 +376,11 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
 
     try:
         with _StopRequest() as stop:
+            # Report the start step at once (several hosts): until a host reports a step, a preemption notice
+            # gives sync step 1, which a resumed run never reaches. The state equals the restored checkpoint.
+            if step < num_steps and stop.should_stop(manager, range(step, step + 1)):
+                logging.warning('Preempted at step %d before training; rerun the same command to resume.', step)
+                return state
             while step < num_steps:
                 count = min(steps_per_dispatch, num_steps - step,
                             *(_next_boundary(step, every) - step for every in
@@ -385,7 +402,7 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
                                      values['grad_norm'].mean(), values['lr'][-1], steps_per_second,
                                      steps_per_second * training.batch_size,
                                      _format_duration((num_steps - step) / max(steps_per_second, 1e-9)))
-                stopping = stop.should_stop(manager, step)
+                stopping = stop.should_stop(manager, range(step - count + 1, step + 1))
                 if step % training.checkpoint_every_steps == 0 or step == num_steps or stopping:
                     save()
                 if stopping:

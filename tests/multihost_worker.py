@@ -2,8 +2,14 @@
 
     python tests/multihost_worker.py --num_devices=4 --workdir=W --out=params.npz [--overrides=JSON]
         [--coordinator_address=127.0.0.1:PORT --num_processes=2 --process_id=I]
+        [--ready_file=PATH --ready_step=K --step_delay=SECONDS] [--steps_file=PATH]
 
 Writes the final params and EMA params (process 0) to --out as npz ('params/<path>', 'ema/<path>').
+Preemption tests: with --ready_file, each process creates PATH.<process index> when it draws the batch
+of step --ready_step (it is then training, with JAX's SIGTERM preemption notifier installed) and draws
+every later batch --step_delay seconds late, so that few steps pass while a preemption notice propagates;
+with --steps_file, each process writes JSON {"start_step", "final_step"} (where its run started, e.g. a
+restored checkpoint's step, and ended) to PATH.<process index>.
 `tiny_config` is also imported by the test modules.
 """
 import argparse
@@ -62,6 +68,31 @@ def flat_params(tree, prefix):
     return flat
 
 
+def watch_batches(ready_path=None, ready_step=0, step_delay=0.0):
+    """Wraps data.train_batches; returns a dict that receives 'start_step' when training starts.
+
+    With `ready_path`: creates that file when the batch of `ready_step` is drawn, then sleeps
+    `step_delay` seconds before each later batch.
+    """
+    import time  # pylint: disable=g-import-not-at-top
+    from ddpm_jax import data  # pylint: disable=g-import-not-at-top
+    real_batches = data.train_batches
+    seen = {}
+
+    def batches(config, *, start_step=0, **kwargs):
+        seen['start_step'] = start_step
+        for step, batch in enumerate(real_batches(config, start_step=start_step, **kwargs), start=start_step):
+            if ready_path and step == ready_step:
+                with open(ready_path, 'w') as f:
+                    f.write(str(step))
+            if ready_path and step > ready_step:
+                time.sleep(step_delay)
+            yield batch
+
+    data.train_batches = batches
+    return seen
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument('--num_devices', type=int, required=True)
@@ -71,6 +102,10 @@ def main():
     parser.add_argument('--coordinator_address')
     parser.add_argument('--num_processes', type=int)
     parser.add_argument('--process_id', type=int)
+    parser.add_argument('--ready_file')
+    parser.add_argument('--ready_step', type=int, default=0)
+    parser.add_argument('--step_delay', type=float, default=0.0)
+    parser.add_argument('--steps_file')
     args = parser.parse_args()
 
     import jax  # pylint: disable=g-import-not-at-top
@@ -79,7 +114,12 @@ def main():
     from ddpm_jax import parallel, train  # pylint: disable=g-import-not-at-top
     if args.coordinator_address:
         parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    seen = watch_batches(args.ready_file and f'{args.ready_file}.{jax.process_index()}', args.ready_step,
+                         args.step_delay)
     state = train.train(tiny_config(**json.loads(args.overrides)), args.workdir)
+    if args.steps_file:
+        with open(f'{args.steps_file}.{jax.process_index()}', 'w') as f:
+            json.dump({'start_step': seen['start_step'], 'final_step': int(parallel.to_host(state.step))}, f)
     host = parallel.to_host({'params': state.params, 'ema': state.ema_params})
     if jax.process_index() == 0:
         np.savez(args.out, **flat_params(host['params'], 'params'), **flat_params(host['ema'], 'ema'),
