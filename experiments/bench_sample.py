@@ -43,11 +43,8 @@ from ddpm_jax import parallel  # pylint: disable=wrong-import-position
 from ddpm_jax import train  # pylint: disable=wrong-import-position
 
 
-def run_setting(base_config, config_name: str, dtype: str, batch_size: int, num_steps: int, repeats: int, *,
-                settings: str = 'default') -> dict:
-    """Benchmarks one setting; returns its row (status 'oom' when it does not fit; `settings` stored as given)."""
-    row = dict(bench='sample', config=config_name, image_size=int(base_config.data.image_size), dtype=dtype,
-               batch_size=batch_size, num_steps=num_steps, unit='img-steps/s', settings=settings, status='ok')
+def sampler_config(base_config, dtype: str, batch_size: int, num_steps: int):
+    """A copy of base_config for the paper's ancestral sampler over num_steps respaced steps at batch_size."""
     config = base_config.copy_and_resolve_references()
     config.model.dtype = dtype
     config.sampling.sampler = 'ancestral'
@@ -56,6 +53,15 @@ def run_setting(base_config, config_name: str, dtype: str, batch_size: int, num_
     num_timesteps = config.diffusion.num_diffusion_timesteps
     if not 1 <= num_steps <= num_timesteps:
         raise ValueError(f'--num_steps={num_steps} must be in [1, T={num_timesteps}]')
+    return config
+
+
+def run_setting(base_config, config_name: str, dtype: str, batch_size: int, num_steps: int, repeats: int, *,
+                settings: str = 'default') -> dict:
+    """Benchmarks one setting; returns its row (status 'oom' when it does not fit; `settings` stored as given)."""
+    row = dict(bench='sample', config=config_name, image_size=int(base_config.data.image_size), dtype=dtype,
+               batch_size=batch_size, num_steps=num_steps, unit='img-steps/s', settings=settings, status='ok')
+    config = sampler_config(base_config, dtype, batch_size, num_steps)
     if config_name == 'cifar10' and batch_size == 1024:
         row['target'] = bench_train.SAMPLE_TARGET_IMG_STEPS_S
     mesh = parallel.make_mesh()

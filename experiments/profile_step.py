@@ -72,6 +72,7 @@ import time
 from typing import Any, Iterable, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_sample  # pylint: disable=wrong-import-position  (the sampler's config)
 import bench_train  # pylint: disable=wrong-import-position  (config loading, synthetic data, device info)
 
 import jax  # pylint: disable=wrong-import-position,g-bad-import-order
@@ -649,14 +650,7 @@ def profile_train(base_config, dtype: str, batch_size: int, steps: int, trace_di
 def profile_sample(base_config, dtype: str, batch_size: int, steps: int, trace_dir: str) -> dict:
     """Compiles and traces one call of the real sampler with num_steps = steps; same result as profile_train
     (per network evaluation)."""
-    config = base_config.copy_and_resolve_references()
-    config.model.dtype = dtype
-    config.sampling.sampler = 'ancestral'
-    config.sampling.num_steps = steps
-    config.sampling.batch_size = batch_size
-    num_timesteps = config.diffusion.num_diffusion_timesteps
-    if not 1 <= steps <= num_timesteps:
-        raise ValueError(f'--steps={steps} must be in [1, T={num_timesteps}] for sampling')
+    config = bench_sample.sampler_config(base_config, dtype, batch_size, steps)
     mesh = parallel.make_mesh()
     parallel.check_global_batch(batch_size, mesh)
     init = jax.jit(lambda rng: train.init_params(config, rng), out_shardings=parallel.replicated_sharding(mesh))
