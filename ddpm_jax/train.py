@@ -171,11 +171,14 @@ def _compiled_train_step(key: _CompileKey, mesh: jax.sharding.Mesh, donate_state
         loss, grads = jax.value_and_grad(loss_fn)(parallel.to_varying(state.params))
         grads = jax.lax.pmean(grads, parallel.DATA_AXIS)
         loss = jax.lax.pmean(loss, parallel.DATA_AXIS)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        # Official EMA: decay 0 at the first step (the shadow becomes the params), then ema_decay.
-        decay = jnp.where(state.step == 0, 0.0, ema_decay).astype(jnp.float32)
-        ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+        # The named scopes label these ops in profiles (experiments/profile_step.py).
+        with jax.named_scope('optimizer'):
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+        with jax.named_scope('ema'):
+            # Official EMA: decay 0 at the first step (the shadow becomes the params), then ema_decay.
+            decay = jnp.where(state.step == 0, 0.0, ema_decay).astype(jnp.float32)
+            ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
         metrics = dict(loss=loss.astype(jnp.float32), grad_norm=optax.tree.norm(grads).astype(jnp.float32),
                        lr=jnp.asarray(schedule(state.step), jnp.float32))
         return TrainState(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state), metrics
