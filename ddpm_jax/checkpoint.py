@@ -14,6 +14,7 @@ the previous one is used; when none is good, restoring raises an error instead o
 import hashlib
 import json
 import os
+import threading
 from typing import Any, Optional
 
 import jax
@@ -53,6 +54,29 @@ def package_version() -> str:
         return 'unknown'
 
 
+class _CheckpointManager(ocp.CheckpointManager):
+    """orbax's CheckpointManager whose preemption reports never go back in step.
+
+    JAX's preemption sync point takes the step of the latest `reached_preemption(step)` call as this
+    host's position. orbax also calls it from its asynchronous finalize thread with the step just saved,
+    which may be older than the step the training loop has reported since; a preemption notice arriving
+    then would set the sync step behind this host (it would never stop while the others stop and save).
+    Older steps are therefore answered False without being reported.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self._report_lock = threading.Lock()
+        self._last_reported_step = -1
+        super().__init__(*args, **kwargs)
+
+    def reached_preemption(self, step: int) -> bool:
+        with self._report_lock:
+            if step < self._last_reported_step:
+                return False
+            self._last_reported_step = step
+        return super().reached_preemption(step)
+
+
 def make_manager(workdir: str, config: Optional[ml_collections.ConfigDict] = None, *,
                  read_only: bool = False) -> ocp.CheckpointManager:
     """The manager of `workdir/checkpoints`.
@@ -71,8 +95,7 @@ def make_manager(workdir: str, config: Optional[ml_collections.ConfigDict] = Non
         enable_async_checkpointing=True,
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies) if policies else None,
     )
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                                 item_names=(ITEM_EMA, ITEM_STATE, ITEM_META))
+    return _CheckpointManager(checkpoint_dir(workdir), options=options, item_names=(ITEM_EMA, ITEM_STATE, ITEM_META))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import optax
 import pytest
 
@@ -190,3 +191,21 @@ def test_params_only_rejects_misfit_params_and_stores_model_dtypes(tmp_path, con
     checkpoint.save_params_only(str(tmp_path / 'c'), as_float64, config, 3)
     restored, _ = checkpoint.restore_ema_params(str(tmp_path / 'c'), config)
     _assert_state_equal(restored, params)
+
+
+def test_preemption_reports_never_go_back_in_step(tmp_path, monkeypatch):
+    # orbax's finalize thread reports the step it just saved, possibly older than the loop's last report; JAX's
+    # sync point would take that older step as this host's position. Only non-decreasing steps reach JAX.
+    reported = []
+
+    def fake_sync_point(step):
+        reported.append(step)
+        return step == 7
+    monkeypatch.setattr(ocp.utils, 'reached_preemption', fake_sync_point)
+    manager = checkpoint.make_manager(str(tmp_path), multihost_worker.tiny_config())
+    try:
+        answers = [manager.reached_preemption(step) for step in (4, 5, 3, 5, 6, 2, 7)]
+    finally:
+        manager.close()
+    assert reported == [4, 5, 5, 6, 7]
+    assert answers == [False, False, False, False, False, False, True]
