@@ -262,6 +262,9 @@ def summarize(paths: list[str]) -> None:
             continue
         with open(path) as f:
             result = json.load(f)
+        if 'rows' not in result:   # e.g. a profile_step.py result: printed by its own --summarize
+            print(f'(no benchmark rows: {path})')
+            continue
         devices.add(f"{result['device']['device_kind']} x{result['device']['device_count']}, "
                     f"jax {result['device']['jax_version']}")
         settings = result.get('settings') or _settings_of_old_result(result)

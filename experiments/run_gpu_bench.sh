@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU run of both benchmarks over the settings of issue 6, plus a profile: about 9 minutes, hard stop at
-# TOTAL_S (540 s).
+# TOTAL_S (560 s).
 #
 # Prepare once, on a machine with PyPI access, in the repository root (.whl/ is git-ignored). The device
 # image has jax 0.11.2 (CUDA), flax, optax, orbax, absl-py, pillow, numpy; it lacks ml_collections and
@@ -18,8 +18,8 @@
 # Rerun some stages only: STAGES=sample,256 bash experiments/run_gpu_bench.sh
 # (default train,sample,256,levers,fp32,profile,remat: the order of importance, which is also the run order).
 #
-# Writes $OUT/{train_cifar10.json, sample_cifar10.json, train_256.json, levers_sample_*.json,
-# levers_train_cifar10.json, fp32_train_cifar10.json, profile_cifar10.json, remat_train_256.json, gpu.txt, log.txt,
+# Writes $OUT/{train_cifar10.json, sample_cifar10.json, train_256.json, levers_{sample,train}_{fv,fv_attn}.json,
+# fp32_train_cifar10.json, profile_cifar10.json, remat_train_256.json, gpu.txt, log.txt,
 # summary.md}; prints the tables. Every row names its switches in the table's `settings` column, so
 # `python3 experiments/bench_train.py --summarize $OUT/*.json` prints them again as one table. Each stage has its
 # own time limit and saves its JSON after every setting, so a stage cut short keeps what it measured; time the
@@ -31,7 +31,7 @@ PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 LOG="$OUT/log.txt"
-TOTAL_S=${TOTAL_S:-540}
+TOTAL_S=${TOTAL_S:-560}
 STAGES=${STAGES:-train,sample,256,levers,fp32,profile,remat}
 # The attention lever: cuDNN fused attention (GPU, bfloat16 only); the CPU smoke run checks the stage with the
 # portable XLA path of jax.nn.dot_product_attention instead.
@@ -103,22 +103,25 @@ stage_256() {  # stage_256 NAME LIMIT_S OUT_JSON EXTRA_ARGS...
       --steps=$STEPS --pipelined_steps=20 --find_max_batch --max_batch_budget_s=$((limit - 15)) \
       --max_batch_resolution=8 --max_batch_cap=$MAX_CAP --out="$out" "$@"
 }
-stage_256 256_train 120 "$OUT/train_256.json"
+stage_256 256_train 100 "$OUT/train_256.json"
 
-# 4. Levers on bfloat16 (PERF_NOTES levers 5 and 11), each added to the one before so every increment shows:
-#    sampling with attention=$ATTN, then also with fast_variance; training with both.
-stage levers_sample_attn 35 experiments/bench_sample.py $SMOKE_FLAG --config=configs/cifar10.py \
-    --set model.attention="'$ATTN'" --dtypes=bfloat16 --batch_size=$SAMPLE_BATCH --num_steps=$SAMPLE_STEPS \
-    --repeats=5 --out="$OUT/levers_sample_attn.json"
-stage levers_sample_attn_fv 35 experiments/bench_sample.py $SMOKE_FLAG --config=configs/cifar10.py \
-    --set model.attention="'$ATTN'" --set model.fast_variance=True --dtypes=bfloat16 --batch_size=$SAMPLE_BATCH \
-    --num_steps=$SAMPLE_STEPS --repeats=5 --out="$OUT/levers_sample_attn_fv.json"
-stage levers_train_cifar10 45 experiments/bench_train.py $SMOKE_FLAG --config=configs/cifar10.py \
-    --set model.attention="'$ATTN'" --set model.fast_variance=True --dtypes=bfloat16 --batch_sizes=$CIFAR_BATCH \
-    --steps_per_dispatch=1 --steps=$STEPS --out="$OUT/levers_train_cifar10.json"
+# 4. Levers on bfloat16 (PERF_NOTES levers 11 and 5), each added to the one before so every increment shows:
+#    fast_variance first (portable), then also attention=$ATTN (cuDNN: the one that may fail to compile).
+levers() {  # levers NAME_SUFFIX LIMIT_S EXTRA_SET_ARGS...: one sampling and one training process
+  local suffix=$1 limit=$2
+  shift 2
+  stage levers_sample_$suffix "$limit" experiments/bench_sample.py $SMOKE_FLAG --config=configs/cifar10.py "$@" \
+      --dtypes=bfloat16 --batch_size=$SAMPLE_BATCH --num_steps=$SAMPLE_STEPS --repeats=5 \
+      --out="$OUT/levers_sample_$suffix.json"
+  stage levers_train_$suffix $((limit + 10)) experiments/bench_train.py $SMOKE_FLAG --config=configs/cifar10.py "$@" \
+      --dtypes=bfloat16 --batch_sizes=$CIFAR_BATCH --steps_per_dispatch=1 --steps=$STEPS \
+      --out="$OUT/levers_train_$suffix.json"
+}
+levers fv 35 --set model.fast_variance=True
+levers fv_attn 35 --set model.fast_variance=True --set model.attention="'$ATTN'"
 
 # 5. float32 training (the reference's fp32 column; lever 1 is bfloat16 against this row).
-stage fp32_train_cifar10 50 experiments/bench_train.py $SMOKE_FLAG --config=configs/cifar10.py \
+stage fp32_train_cifar10 45 experiments/bench_train.py $SMOKE_FLAG --config=configs/cifar10.py \
     --dtypes=float32 --batch_sizes=$CIFAR_BATCH --steps_per_dispatch=1 --steps=$STEPS \
     --out="$OUT/fp32_train_cifar10.json"
 
@@ -136,9 +139,11 @@ stage_256 remat_train_256 $((TOTAL_S - (SECONDS - SCRIPT_START) - 5)) "$OUT/rema
 
 echo
 echo "=== all stages done in $((SECONDS - SCRIPT_START))s"
-bench_files=$(ls "$OUT"/train_cifar10.json "$OUT"/levers_train_cifar10.json "$OUT"/fp32_train_cifar10.json \
-    "$OUT"/sample_cifar10.json "$OUT"/levers_sample_attn.json "$OUT"/levers_sample_attn_fv.json \
-    "$OUT"/train_256.json "$OUT"/remat_train_256.json 2>/dev/null)
+bench_files=
+for name in train_cifar10 levers_train_fv levers_train_fv_attn fp32_train_cifar10 sample_cifar10 levers_sample_fv \
+    levers_sample_fv_attn train_256 remat_train_256; do
+  [ -f "$OUT/$name.json" ] && bench_files="$bench_files $OUT/$name.json"
+done
 {
   "$PYTHON" experiments/bench_train.py --summarize $bench_files
   [ -f "$OUT/profile_cifar10.json" ] && "$PYTHON" experiments/profile_step.py --summarize "$OUT/profile_cifar10.json"
