@@ -210,10 +210,16 @@ def test_output_shape_full_size(kwargs, size):
     assert out.shape == (2, size, size, kwargs['out_ch']) and out.dtype == jnp.float32
 
 
-def test_forward_matches_numpy_reference_float64(tiny_case):
+# fast_variance (E[x^2] - E[x]^2) is the same variance as the reference's two-pass E[(x - E[x])^2]; it differs
+# only by rounding, amplified by (mean^2 + var) / var within a group (a few units here), so the same tolerances hold.
+SWITCHES_SAME_ARITHMETIC = [{}, dict(fast_variance=True)]
+
+
+@pytest.mark.parametrize('switches', SWITCHES_SAME_ARITHMETIC)
+def test_forward_matches_numpy_reference_float64(tiny_case, switches):
     params, x, t, reference = tiny_case
     with jax.enable_x64(True):
-        model = UNet(**TINY, dtype=jnp.float64, param_dtype=jnp.float64)
+        model = UNet(**TINY, **switches, dtype=jnp.float64, param_dtype=jnp.float64)
         out = run(model, params, jnp.asarray(x), jnp.asarray(t))
         assert out.dtype == jnp.float64
         out = np.asarray(out)
@@ -223,10 +229,11 @@ def test_forward_matches_numpy_reference_float64(tiny_case):
     np.testing.assert_allclose(out, reference, rtol=0, atol=1e-12 * np.abs(reference).max())
 
 
-def test_forward_matches_numpy_reference_float32(tiny_case):
+@pytest.mark.parametrize('switches', SWITCHES_SAME_ARITHMETIC)
+def test_forward_matches_numpy_reference_float32(tiny_case, switches):
     params, x, t, reference = tiny_case
     params32 = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
-    out = run(UNet(**TINY), params32, jnp.asarray(x, jnp.float32), jnp.asarray(t))
+    out = run(UNet(**TINY, **switches), params32, jnp.asarray(x, jnp.float32), jnp.asarray(t))
     assert out.shape == (2, 8, 8, 3) and out.dtype == jnp.float32
     # float32 epsilon 1.2e-7 accumulated over ~30 layers (and sin(987) in float32, as the official code
     # does); measured 1.1e-6 relative to the largest output.
@@ -326,20 +333,6 @@ def test_speed_switches_keep_parameter_tree():
         params = abstract_init(UNet(**TINY, **switches), 8)
         assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(reference), switches
         assert jax.tree.map(lambda p: p.shape, params) == jax.tree.map(lambda p: p.shape, reference), switches
-
-
-def test_fast_variance_matches_two_pass_reference(tiny_case):
-    # E[x^2] - E[x]^2 is the same variance as the reference's two-pass E[(x - E[x])^2]; it differs only by
-    # rounding, amplified by (mean^2 + var) / var within a group (O(1) here: a few units).
-    params, x, t, reference = tiny_case
-    with jax.enable_x64(True):
-        model = UNet(**TINY, fast_variance=True, dtype=jnp.float64, param_dtype=jnp.float64)
-        out = np.asarray(run(model, params, jnp.asarray(x), jnp.asarray(t)))
-    np.testing.assert_allclose(out, reference, rtol=0, atol=1e-12 * np.abs(reference).max())
-    params32 = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
-    out32 = run(UNet(**TINY, fast_variance=True), params32, jnp.asarray(x, jnp.float32), jnp.asarray(t))
-    # The float32 tolerance of test_forward_matches_numpy_reference_float32.
-    np.testing.assert_allclose(np.asarray(out32), reference, rtol=0, atol=1e-5 * np.abs(reference).max())
 
 
 def test_dot_product_attention_matches_einsum(tiny_case):

@@ -397,8 +397,7 @@ def create_model(config) -> UNet:
     """The UNet of `config.model` with out_ch = config.data.channels (doubled for a learned variance).
 
     config.model.dtype is the compute dtype: 'float32' or 'bfloat16'; config.model.attention one of
-    `ATTENTION_IMPLS`; config.model.remat and config.model.fast_variance bools (fast_variance may be absent
-    from configs written before it existed: False).
+    `ATTENTION_IMPLS`; config.model.remat and config.model.fast_variance bools.
     """
     if config.model.dtype not in _COMPUTE_DTYPES:
         raise ValueError(f'config.model.dtype={config.model.dtype!r}; allowed: {sorted(_COMPUTE_DTYPES)}')
@@ -411,5 +410,5 @@ def create_model(config) -> UNet:
                 num_res_blocks=config.model.num_res_blocks, attn_resolutions=tuple(config.model.attn_resolutions),
                 dropout=config.model.dropout, resamp_with_conv=config.model.resamp_with_conv,
                 attention=config.model.attention, remat=bool(config.model.remat),
-                fast_variance=bool(config.model.get('fast_variance', False)),
+                fast_variance=bool(config.model.fast_variance),
                 dtype=_COMPUTE_DTYPES[config.model.dtype])
