@@ -164,6 +164,45 @@ def _run_worker(tmp_path, name, num_devices, overrides):
     return dict(np.load(out))
 
 
+def _start_two_processes(tmp_path, name, workdir, overrides, *extra):
+    """Starts the worker as processes 0 and 1 of a job; returns [(Popen, log path)]."""
+    port = _free_port()
+    started = []
+    for i in range(2):
+        log_path = tmp_path / f'{name}.{i}.log'
+        with open(log_path, 'w') as log:
+            proc = subprocess.Popen(_worker_command(2, workdir, tmp_path / f'{name}.npz', overrides,
+                                                    f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+                                                    f'--process_id={i}', *extra),
+                                    stdout=log, stderr=subprocess.STDOUT)
+        started.append((proc, log_path))
+    return started
+
+
+def _log_tails(started):
+    return '\n'.join(f'--- process {i} (return code {proc.poll()}):\n{log_path.read_text()[-3000:]}'
+                     for i, (proc, log_path) in enumerate(started))
+
+
+def _wait_for_exit(started, timeout, what):
+    deadline = time.monotonic() + timeout
+    for proc, _ in started:
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f'{what}: still running after {timeout} s (a hang?):\n{_log_tails(started)}')
+    for proc, _ in started:
+        assert proc.returncode == 0, f'{what}: a process failed:\n{_log_tails(started)}'
+
+
+def _kill(started):
+    """SIGKILL: with jax.distributed initialised, SIGTERM only starts the preemption protocol."""
+    for proc, _ in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 # Three steps (lr 0, lr / 2, lr) with clipping; dropout 0, because dropout masks are drawn per device
 # (t and noise are drawn per global example, so they do not depend on the device count).
 _EQUIVALENCE = {'training.num_train_steps': 3, 'optim.grad_clip': 1.0}
@@ -193,16 +232,12 @@ def test_one_device_equals_four_devices(tmp_path, four_device_run):
 
 
 def test_two_processes_equal_one_process(tmp_path, four_device_run):
-    port = _free_port()
-    out = tmp_path / 'multi.npz'
-    procs = [subprocess.Popen(_worker_command(2, tmp_path / 'multi', out, _EQUIVALENCE,
-                                              f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-                                              f'--process_id={i}'),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    for proc, (_, stderr) in zip(procs, outputs):
-        assert proc.returncode == 0, stderr[-4000:]
-    multi = dict(np.load(out))
+    started = _start_two_processes(tmp_path, 'multi', tmp_path / 'multi', _EQUIVALENCE)
+    try:
+        _wait_for_exit(started, timeout=300, what='the two-process run')
+    finally:
+        _kill(started)
+    multi = dict(np.load(tmp_path / 'multi.npz'))
     assert int(multi['process_count']) == 2 and int(multi['device_count']) == 4
     # Same mesh and arithmetic; the cross-process all-reduce (gloo) may sum in another order.
     _assert_close(four_device_run, multi, atol=1e-6)
@@ -212,26 +247,6 @@ def test_two_processes_equal_one_process(tmp_path, four_device_run):
 # ------------------------------------------------------------------------------------------------
 # Preemption of one host of two (SIGTERM, as a scheduler sends it to the VM it reclaims first).
 
-def _start_two_processes(tmp_path, name, workdir, overrides, *extra):
-    """Starts the worker as processes 0 and 1 of a job; returns [(Popen, log path)]."""
-    port = _free_port()
-    started = []
-    for i in range(2):
-        log_path = tmp_path / f'{name}.{i}.log'
-        with open(log_path, 'w') as log:
-            proc = subprocess.Popen(_worker_command(2, workdir, tmp_path / f'{name}.npz', overrides,
-                                                    f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-                                                    f'--process_id={i}', *extra),
-                                    stdout=log, stderr=subprocess.STDOUT)
-        started.append((proc, log_path))
-    return started
-
-
-def _log_tails(started):
-    return '\n'.join(f'--- process {i} (return code {proc.poll()}):\n{log_path.read_text()[-3000:]}'
-                     for i, (proc, log_path) in enumerate(started))
-
-
 def _wait_for_file(path, started, timeout):
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):
@@ -240,25 +255,6 @@ def _wait_for_file(path, started, timeout):
         if time.monotonic() > deadline:
             pytest.fail(f'{path} did not appear within {timeout} s:\n{_log_tails(started)}')
         time.sleep(0.05)
-
-
-def _wait_for_exit(started, timeout, what):
-    deadline = time.monotonic() + timeout
-    for proc, _ in started:
-        try:
-            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            pytest.fail(f'{what}: still running after {timeout} s (a hang?):\n{_log_tails(started)}')
-    for proc, _ in started:
-        assert proc.returncode == 0, f'{what}: a process failed:\n{_log_tails(started)}'
-
-
-def _kill(started):
-    """SIGKILL: with jax.distributed initialised, SIGTERM only starts the preemption protocol."""
-    for proc, _ in started:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def _restore_verified(workdir, config):
