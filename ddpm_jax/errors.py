@@ -1,0 +1,2 @@
+class UserError(Exception):
+    """An error caused by the user's input or environment; main prints its message as one line, without a traceback."""
