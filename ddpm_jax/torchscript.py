@@ -17,6 +17,7 @@ TorchScript module objects are resolved, so reading an archive cannot run arbitr
 
 import collections
 import io
+import math
 import os
 import pickle
 import zipfile
@@ -80,18 +81,35 @@ def _bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def _rebuild_tensor(storage: np.ndarray, storage_offset: int, size, stride, *unused) -> np.ndarray:
-    """torch._utils._rebuild_tensor_v2: a strided view of a flat storage, copied to a new array."""
+def _checked_view(storage: np.ndarray, storage_offset: int, size, stride) -> tuple:
+    """(size, stride) as int tuples, after checking that the view lies inside the storage and has no more
+    elements than it (overlapping strides, e.g. a zero-stride tensor, are refused: copying such a view
+    would allocate more than the archive stores)."""
     size = tuple(int(s) for s in size)
     stride = tuple(int(s) for s in stride)
     if len(size) != len(stride):
         raise ValueError(f'Tensor with size {size} has stride {stride} of a different length.')
-    if any(s == 0 for s in size):
-        return np.zeros(size, storage.dtype)
+    if any(n < 0 for n in size):
+        raise ValueError(f'Tensor size {size} has a negative dimension.')
+    numel = math.prod(size)
+    if numel == 0:
+        return size, stride
     last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
     if storage_offset < 0 or min(stride, default=0) < 0 or last >= storage.size:
         raise ValueError(f'Tensor (offset {storage_offset}, size {size}, stride {stride}) reaches '
                          f'element {last}, beyond its storage of {storage.size} elements.')
+    if numel > storage.size:
+        raise ValueError(f'Tensor (size {size}, stride {stride}) has {numel} elements, more than the '
+                         f'{storage.size} of its storage (overlapping strides): refused, since copying it would '
+                         'allocate more than the archive stores.')
+    return size, stride
+
+
+def _rebuild_tensor(storage: np.ndarray, storage_offset: int, size, stride, *unused) -> np.ndarray:
+    """torch._utils._rebuild_tensor_v2: a strided view of a flat storage, copied to a new array."""
+    size, stride = _checked_view(storage, storage_offset, size, stride)
+    if math.prod(size) == 0:
+        return np.zeros(size, storage.dtype)
     view = np.lib.stride_tricks.as_strided(
         storage[storage_offset:], shape=size, strides=[s * storage.itemsize for s in stride])
     return np.array(view)
@@ -135,11 +153,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self._load_storage = load_storage
         self._scan_only = scan_only
         self._storages: Dict[str, np.ndarray] = {}
+        self._tensor_bytes = 0  # bytes of the tensors rebuilt so far
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED_GLOBALS:
             if self._scan_only and name.startswith('_rebuild'):
                 return lambda *args: None
+            if name == '_rebuild_tensor_v2':
+                return self._rebuild_tensor_within_storages
             return _ALLOWED_GLOBALS[(module, name)]
         if module == 'torch' and name in _STORAGE_DTYPES:
             return _StorageType(name)
@@ -148,6 +169,18 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(
             f'Refusing to load global {module}.{name} from a torch archive: only tensors, ordered dicts '
             f'and TorchScript module objects are supported.')
+
+    def _rebuild_tensor_within_storages(self, storage: np.ndarray, storage_offset: int, size, stride,
+                                        *unused) -> np.ndarray:
+        """`_rebuild_tensor`, refusing once the tensors together would exceed the bytes of the storages read:
+        many views of one storage would otherwise copy it many times over."""
+        nbytes = math.prod(_checked_view(storage, storage_offset, size, stride)[0]) * storage.itemsize
+        stored = sum(array.nbytes for array in self._storages.values())
+        if self._tensor_bytes + nbytes > stored:
+            raise ValueError(f'The tensors of this archive would take more than the {stored} bytes of its '
+                             f'storages (overlapping views of one storage): refused.')
+        self._tensor_bytes += nbytes
+        return _rebuild_tensor(storage, storage_offset, size, stride)
 
     def persistent_load(self, pid: Any) -> np.ndarray:
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == 'storage'):
@@ -194,6 +227,9 @@ def _read_zip_archive(archive: zipfile.ZipFile, source: str) -> Any:
         member = f'{prefix}data/{key}'
         if member not in names:
             raise ValueError(f'{source}: storage {member} is referenced by data.pkl but missing.')
+        info = archive.getinfo(member)
+        if info.compress_type != zipfile.ZIP_STORED:  # bounds what a member can expand to by the file's size
+            raise ValueError(f'{source}: storage {member} is compressed; torch stores storages uncompressed.')
         return _decode_storage(archive.read(member), storage_name, numel, member, big_endian)
 
     with archive.open(pickles[0]) as file:
@@ -227,14 +263,20 @@ def _read_legacy_stream(file: BinaryIO, source: str) -> Any:
     file.seek(start)
     pickle_bytes = file.read(end - start)
     keys = _HeaderUnpickler(file).load()
+    storages_start = file.tell()
+    file_size = file.seek(0, io.SEEK_END)
+    file.seek(storages_start)
     storages = {}
     for key in keys:
         key = str(key)
         if key not in storage_names:
             raise ValueError(f'{source}: storage {key} is listed but not referenced by the pickle.')
         numel = int(np.frombuffer(file.read(8), '<i8')[0])
-        itemsize = _STORAGE_DTYPES[storage_names[key]].itemsize
-        storages[key] = _decode_storage(file.read(numel * itemsize), storage_names[key], numel, key, False)
+        nbytes = numel * _STORAGE_DTYPES[storage_names[key]].itemsize
+        if not 0 <= nbytes <= file_size - file.tell():  # checked before reading: numel comes from the file
+            raise ValueError(f'{source}: storage {key} claims {numel} elements ({nbytes} bytes) but only '
+                             f'{file_size - file.tell()} bytes follow.')
+        storages[key] = _decode_storage(file.read(nbytes), storage_names[key], numel, key, False)
     missing = sorted(set(storage_names) - set(storages))
     if missing:
         raise ValueError(f'{source}: storages {missing} are referenced by the pickle but not stored.')

@@ -9,8 +9,10 @@ the layouts torch uses (see the writer below and the real default_1.pt structure
 import collections
 import importlib.util
 import io
+import os
 import pickle
 import struct
+import tracemalloc
 import zipfile
 
 import jax
@@ -414,6 +416,63 @@ def test_reader_refuses_code_and_non_archives(tmp_path):
         torchscript.read_tensors(str(not_torch))
     with pytest.raises(FileNotFoundError):
         torchscript.read_tensors(str(tmp_path / 'missing.pt'))
+
+
+@pytest.mark.parametrize('writer', ['zip', 'legacy'])
+def test_reader_refuses_views_larger_than_their_storage_without_allocating(tmp_path, writer):
+    """A 50000x50000 zero-stride view of a one-element storage (10 GB as float32) in a ~1.6 KB archive."""
+    path = str(tmp_path / 'crafted.pth')
+    bomb = TensorView(np.ones(1, np.float32), 0, (50_000, 50_000), (0, 0))
+    (write_zip_archive if writer == 'zip' else write_legacy_archive)(path, {'weight': bomb})
+    assert os.path.getsize(path) < 2000
+    tracemalloc.start()  # numpy reports its allocations to tracemalloc
+    try:
+        with pytest.raises(ValueError, match='more than the 1 of its storage'):
+            torchscript.read_tensors(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * 2 ** 20, peak  # the file's worth plus interpreter overhead, not gigabytes
+
+
+def test_reader_caps_all_tensors_by_the_stored_bytes(tmp_path):
+    """Each view fits its storage, but 1000 copies of a 100-element storage may not be made of 100 elements."""
+    storage = np.arange(100, dtype=np.float32)
+
+    def view(offset, size):  # views of the one storage object (the writer stores each storage object once)
+        tensor = TensorView(storage, offset, (size,), (1,))
+        tensor.storage = storage
+        return tensor
+
+    path = str(tmp_path / 'fits.pt')
+    write_zip_archive(path, {'a': view(0, 50), 'b': view(50, 50)})
+    with zipfile.ZipFile(path) as archive:
+        assert [name for name in archive.namelist() if '/data/' in name] == ['archive/data/0']
+    tensors = torchscript.read_tensors(path)
+    np.testing.assert_array_equal(np.concatenate([tensors['a'], tensors['b']]), storage)
+    write_zip_archive(path, {f'copy{i}': view(0, 100) for i in range(1000)})
+    with pytest.raises(ValueError, match='more than the 400 bytes of its storages'):
+        torchscript.read_tensors(path)
+
+
+def test_reader_refuses_storage_sizes_the_file_does_not_hold(tmp_path):
+    """A legacy stream whose storage header claims 2**40 elements, and a compressed zip storage."""
+    path = str(tmp_path / 'legacy.pth')
+    write_legacy_archive(path, {'weight': np.ones(4, np.float32)})
+    data = bytearray(open(path, 'rb').read())
+    count_at = len(data) - 16 - 8  # the int64 element count before the 16 bytes of the storage
+    assert struct.unpack('<q', data[count_at:count_at + 8])[0] == 4
+    data[count_at:count_at + 8] = struct.pack('<q', 2 ** 40)
+    open(path, 'wb').write(bytes(data))
+    with pytest.raises(ValueError, match='claims 1099511627776 elements'):
+        torchscript.read_tensors(path)
+    zipped = str(tmp_path / 'deflated.pt')
+    write_zip_archive(zipped, {'weight': np.zeros(1000, np.float32)})
+    with zipfile.ZipFile(zipped) as source, zipfile.ZipFile(str(tmp_path / 'bomb.pt'), 'w') as target:
+        for info in source.infolist():
+            target.writestr(info.filename, source.read(info), compress_type=zipfile.ZIP_DEFLATED)
+    with pytest.raises(ValueError, match='compressed'):
+        torchscript.read_tensors(str(tmp_path / 'bomb.pt'))
 
 
 # ---------------------------------------------------------------------------------------------------
