@@ -64,6 +64,8 @@ def main(argv) -> None:
     config = _CONFIG.value
     if _DATA_DIR.value is not None:
         config.data.data_dir = _DATA_DIR.value
+    from ddpm_jax import validation  # pylint: disable=g-import-not-at-top
+    validation.validate_config(config, _MODE.value)  # before anything is created on disk
     MODES[_MODE.value](config, _WORKDIR.value)
 
 

@@ -35,6 +35,7 @@ from ddpm_jax import data as data_lib
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import image_grid
 from ddpm_jax import parallel
+from ddpm_jax import validation
 from ddpm_jax.models import unet
 
 _INIT_STREAM, _EXAMPLE_STREAM, _DROPOUT_STREAM, _SAMPLE_STREAM = 0, 1, 2, 3
@@ -223,17 +224,10 @@ def _compiled_grid_sampler(key: _CompileKey, mesh: jax.sharding.Mesh, num_sample
 
 
 def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
-    """Raises ValueError for training settings that cannot work, naming the value and the fix."""
-    training = config.training
-    parallel.check_global_batch(training.batch_size, mesh)
-    for name in ('num_train_steps', 'log_every_steps', 'checkpoint_every_steps', 'sample_every_steps'):
-        if training[name] <= 0:
-            raise ValueError(f'config.training.{name}={training[name]} must be positive.')
-    steps_per_dispatch = training.get('steps_per_dispatch', 1)
-    if steps_per_dispatch < 1:
-        raise ValueError(f'config.training.steps_per_dispatch={steps_per_dispatch} must be >= 1.')
-    if config.optim.ema_decay < 0 or config.optim.ema_decay >= 1:
-        raise ValueError(f'config.optim.ema_decay={config.optim.ema_decay} must lie in [0, 1).')
+    """Raises a ValueError naming the value and the fix for training settings that cannot work: the config
+    checks of validation.validate_config, and the global batch against the devices of `mesh`."""
+    validation.validate_config(config, 'train')
+    parallel.check_global_batch(config.training.batch_size, mesh)
 
 
 class _StopRequest:
@@ -324,9 +318,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     mesh = parallel.make_mesh()
     validate_config(config, mesh)
     is_primary = jax.process_index() == 0
+    data_lib.load_source(config, config.data.train_split)  # a missing dataset or bad image fails here, early
     os.makedirs(workdir, exist_ok=True)
-
-    data_lib.load_source(config, config.data.train_split)  # a missing or unknown dataset fails here, early
     manager = checkpoint.make_manager(workdir, config)
     try:
         state = checkpoint.restore_state(workdir, manager, create_train_state(config, mesh, abstract=True), config)
