@@ -20,6 +20,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(REPO_ROOT, 'experiments')
 sys.path.insert(0, EXPERIMENTS)
 import bench_train  # pylint: disable=wrong-import-position
+import subprocess_helpers  # pylint: disable=wrong-import-position
 
 from ddpm_jax import parallel, train  # pylint: disable=wrong-import-position
 
@@ -45,15 +46,20 @@ def smoke_runs(tmp_path_factory):
         'sample': [sys.executable, os.path.join(EXPERIMENTS, 'bench_sample.py'), '--smoke',
                    f'--out={out_dir / "sample.json"}'],
     }
-    processes = {name: subprocess.Popen(command, cwd=REPO_ROOT, env=envs[name], stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True) for name, command in commands.items()}
-    runs = {}
-    for name, process in processes.items():
-        output, _ = process.communicate(timeout=300)
-        assert process.returncode == 0, f'{name} smoke run failed:\n{output[-4000:]}'
-        with open(out_dir / f'{name}.json') as f:
-            runs[name] = (output, json.load(f))
-    return runs
+    processes = {}
+    try:
+        for name, command in commands.items():
+            processes[name] = subprocess_helpers.start(command, cwd=REPO_ROOT, env=envs[name], stdout=subprocess.PIPE,
+                                                       stderr=subprocess.STDOUT, text=True)
+        runs = {}
+        for name, process in processes.items():
+            output, _ = subprocess_helpers.communicate(process, what=f'the {name} smoke run')
+            assert process.returncode == 0, f'{name} smoke run failed:\n{output[-4000:]}'
+            with open(out_dir / f'{name}.json') as f:
+                runs[name] = (output, json.load(f))
+        return runs
+    finally:  # the other run too, when one fails
+        subprocess_helpers.kill_groups(list(processes.values()))
 
 
 def test_train_smoke_writes_rows_with_positive_throughput(smoke_runs):

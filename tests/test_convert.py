@@ -5,13 +5,13 @@ of the converter; the synthetic checkpoints hold random values so that any mix-u
 """
 import os
 import re
-import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import subprocess_helpers
 
 from configs import default
 from ddpm_jax import convert
@@ -294,9 +294,8 @@ def test_cli_converts_safetensors_into_a_restorable_checkpoint(tmp_path):
     repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo_root, os.environ.get('PYTHONPATH', '')]),
                JAX_PLATFORMS='cpu')
-    result = subprocess.run([sys.executable, '-m', 'ddpm_jax.convert', f'--source={source}',
-                             f'--config={config_file}', f'--workdir={workdir}'],
-                            cwd=repo_root, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess_helpers.run([sys.executable, '-m', 'ddpm_jax.convert', f'--source={source}',
+                                     f'--config={config_file}', f'--workdir={workdir}'], cwd=repo_root, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     params, step = restore_ema_params(str(workdir), tiny_config())
     assert step == 0

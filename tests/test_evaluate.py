@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import subprocess_helpers
 
 from ddpm_jax import checkpoint, config_files, data, diffusion, evaluate, likelihood, samplers, train
 from ddpm_jax.models import unet
@@ -233,7 +234,6 @@ print(json.dumps(evaluate.evaluate_nll(config, sys.argv[1])['nll_bpd']))
 
 
 def test_two_devices_give_the_same_samples_and_nll(run, tmp_path):
-    import subprocess
     import sys
     config, workdir, _ = run
     one_device_samples = np.load(evaluate.sample(config, workdir)['path'])['samples']  # cached after the first run
@@ -242,8 +242,8 @@ def test_two_devices_give_the_same_samples_and_nll(run, tmp_path):
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu')
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env['PYTHONPATH'] = os.pathsep.join([root, env.get('PYTHONPATH', '')])  # also without an installed package
-    proc = subprocess.run([sys.executable, '-c', _TWO_DEVICE_SCRIPT, other, os.path.dirname(__file__)],
-                          env=env, cwd=root, capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess_helpers.run([sys.executable, '-c', _TWO_DEVICE_SCRIPT, other, os.path.dirname(__file__)],
+                                  env=env, cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two_device_samples = np.load(os.path.join(other, 'two_device_samples.npy'))
     # Same random draws (partitionable threefry); the convolutions of a half batch may round differently

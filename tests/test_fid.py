@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
+import subprocess_helpers
 from flax import linen as nn
 
 from ddpm_jax import fid
@@ -219,11 +220,10 @@ print('ok')
 
 def test_make_inception_fn_splits_chunks_over_a_two_device_mesh():
     import os
-    import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu',
                PYTHONPATH=os.pathsep.join([root, os.environ.get('PYTHONPATH', '')]))
-    proc = subprocess.run([sys.executable, '-c', _TWO_DEVICE_SCRIPT, os.path.dirname(os.path.abspath(__file__))],
-                          env=env, cwd=root, capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess_helpers.run([sys.executable, '-c', _TWO_DEVICE_SCRIPT, os.path.dirname(os.path.abspath(__file__))],
+                                  env=env, cwd=root)
     assert proc.returncode == 0 and proc.stdout.strip().endswith('ok'), proc.stderr[-3000:]

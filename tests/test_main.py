@@ -1,11 +1,12 @@
 """End-to-end tests of the CLI: `python -m ddpm_jax.main` on the digits config with 4 fake CPU devices."""
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
 from PIL import Image
+
+import subprocess_helpers
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,9 +19,8 @@ _TINY = ['--config.model.ch=32', '--config.model.ch_mult=(1,)', '--config.model.
 def _run_cli(workdir, *flags, num_devices=4):
     env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={num_devices}',
                PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get('PYTHONPATH', '')]))
-    return subprocess.run([sys.executable, '-m', 'ddpm_jax.main', '--config=configs/digits.py', f'--workdir={workdir}',
-                           *_TINY, *flags], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
-                          check=False)
+    return subprocess_helpers.run([sys.executable, '-m', 'ddpm_jax.main', '--config=configs/digits.py',
+                                   f'--workdir={workdir}', *_TINY, *flags], cwd=REPO_ROOT, env=env)
 
 
 def test_digits_trains_end_to_end_on_four_devices(tmp_path):

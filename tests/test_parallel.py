@@ -1,13 +1,13 @@
 """Tests of ddpm_jax.parallel: mesh, batch sharding, replication, per-device and per-example keys."""
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
 import jax
 import numpy as np
 import pytest
+import subprocess_helpers
 
 from ddpm_jax import parallel
 
@@ -81,8 +81,7 @@ _FOUR_DEVICE_SCRIPT = textwrap.dedent('''
 def test_four_devices():
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
                PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get('PYTHONPATH', '')]))
-    result = subprocess.run([sys.executable, '-c', _FOUR_DEVICE_SCRIPT], capture_output=True, text=True, env=env,
-                            cwd=REPO_ROOT, timeout=300, check=False)
+    result = subprocess_helpers.run([sys.executable, '-c', _FOUR_DEVICE_SCRIPT], env=env, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out['devices'] == 4

@@ -8,7 +8,6 @@ have time, and every event is counted once in a category or reported as skipped 
 """
 import json
 import os
-import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -18,6 +17,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(REPO_ROOT, 'experiments')
 sys.path.insert(0, EXPERIMENTS)
 import profile_step as ps  # pylint: disable=wrong-import-position
+import subprocess_helpers  # pylint: disable=wrong-import-position
 
 # A GPU-style optimized module: a command buffer (called computation) holding a GroupNorm+swish fusion and a
 # cuDNN backward-filter convolution; a forward convolution and a cuBLAS gemm in the entry; an attention
@@ -244,9 +244,8 @@ def smoke_run(tmp_path_factory):
     env = {key: value for key, value in os.environ.items() if key != 'XLA_FLAGS'}
     env.update(JAX_PLATFORMS='cpu', PYTHONPATH=REPO_ROOT)
     out = out_dir / 'profile.json'
-    process = subprocess.run([sys.executable, os.path.join(EXPERIMENTS, 'profile_step.py'), '--smoke',
-                              '--steps=2', f'--out={out}'], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                             timeout=300)
+    process = subprocess_helpers.run([sys.executable, os.path.join(EXPERIMENTS, 'profile_step.py'), '--smoke',
+                                      '--steps=2', f'--out={out}'], cwd=REPO_ROOT, env=env)
     assert process.returncode == 0, f'profile smoke run failed:\n{process.stdout[-3000:]}\n{process.stderr[-3000:]}'
     with open(out) as f:
         return process.stdout, json.load(f), out_dir

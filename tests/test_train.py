@@ -13,6 +13,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import multihost_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
+import subprocess_helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from ddpm_jax import checkpoint, data, parallel, train  # pylint: disable=wrong-import-position
 
@@ -158,8 +159,7 @@ def _worker_command(num_devices, workdir, out, overrides, *extra):
 
 def _run_worker(tmp_path, name, num_devices, overrides):
     out = tmp_path / f'{name}.npz'
-    result = subprocess.run(_worker_command(num_devices, tmp_path / name, out, overrides),
-                            capture_output=True, text=True, timeout=300, check=False)
+    result = subprocess_helpers.run(_worker_command(num_devices, tmp_path / name, out, overrides))
     assert result.returncode == 0, result.stderr[-4000:]
     return dict(np.load(out))
 
@@ -171,10 +171,10 @@ def _start_two_processes(tmp_path, name, workdir, overrides, *extra):
     for i in range(2):
         log_path = tmp_path / f'{name}.{i}.log'
         with open(log_path, 'w') as log:
-            proc = subprocess.Popen(_worker_command(2, workdir, tmp_path / f'{name}.npz', overrides,
-                                                    f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-                                                    f'--process_id={i}', *extra),
-                                    stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess_helpers.start(_worker_command(2, workdir, tmp_path / f'{name}.npz', overrides,
+                                                            f'--coordinator_address=127.0.0.1:{port}',
+                                                            '--num_processes=2', f'--process_id={i}', *extra),
+                                            stdout=log, stderr=subprocess.STDOUT)
         started.append((proc, log_path))
     return started
 
@@ -196,11 +196,9 @@ def _wait_for_exit(started, timeout, what):
 
 
 def _kill(started):
-    """SIGKILL: with jax.distributed initialised, SIGTERM only starts the preemption protocol."""
-    for proc, _ in started:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    """SIGKILL to each process group: with jax.distributed initialised, SIGTERM only starts the preemption
+    protocol."""
+    subprocess_helpers.kill_groups([proc for proc, _ in started])
 
 
 # Three steps (lr 0, lr / 2, lr) with clipping; dropout 0, because dropout masks are drawn per device
@@ -234,7 +232,7 @@ def test_one_device_equals_four_devices(tmp_path, four_device_run):
 def test_two_processes_equal_one_process(tmp_path, four_device_run):
     started = _start_two_processes(tmp_path, 'multi', tmp_path / 'multi', _EQUIVALENCE)
     try:
-        _wait_for_exit(started, timeout=300, what='the two-process run')
+        _wait_for_exit(started, timeout=subprocess_helpers.TIMEOUT_S, what='the two-process run')
     finally:
         _kill(started)
     multi = dict(np.load(tmp_path / 'multi.npz'))
@@ -290,9 +288,9 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_exac
         started = _start_two_processes(
             tmp_path, 'preempted', workdir, {**_PREEMPTION, 'training.num_train_steps': num_steps},
             f'--ready_file={ready}', f'--ready_step={_READY_STEP}', '--step_delay=0.25', f'--steps_file={steps_file}')
-        _wait_for_file(f'{ready}.1', started, timeout=120)
+        _wait_for_file(f'{ready}.1', started, timeout=subprocess_helpers.TIMEOUT_S)
         started[1][0].send_signal(signal.SIGTERM)
-        _wait_for_exit(started, timeout=60, what='the preempted run')
+        _wait_for_exit(started, timeout=subprocess_helpers.TIMEOUT_S, what='the preempted run')
         stop_steps = [steps['final_step'] for steps in _read_steps(steps_file).values()]
         assert stop_steps[0] == stop_steps[1], f'the processes stopped at different steps {stop_steps}'
         stop_step = stop_steps[0]
@@ -303,11 +301,11 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_exac
 
         total = {**_PREEMPTION, 'training.num_train_steps': stop_step + 4}
         started = _start_two_processes(tmp_path, 'resumed', workdir, total, f'--steps_file={steps_file}')
-        _wait_for_exit(started, timeout=120, what='the resumed run')
+        _wait_for_exit(started, timeout=subprocess_helpers.TIMEOUT_S, what='the resumed run')
         for steps in _read_steps(steps_file).values():
             assert steps == {'start_step': stop_step, 'final_step': stop_step + 4}
         started = _start_two_processes(tmp_path, 'straight', tmp_path / 'straight', total)
-        _wait_for_exit(started, timeout=120, what='the uninterrupted run')
+        _wait_for_exit(started, timeout=subprocess_helpers.TIMEOUT_S, what='the uninterrupted run')
     finally:
         _kill(started)
     resumed, straight = _restore_verified(workdir, config), _restore_verified(tmp_path / 'straight', config)
