@@ -4,6 +4,7 @@ import re
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import subprocess_helpers
@@ -54,3 +55,23 @@ def test_cli_reports_bad_settings(tmp_path):
     assert result.returncode != 0 and str(tmp_path / 'missing') in result.stderr
     result = _run_cli(tmp_path / 'c', '--mode=dance', num_devices=1)
     assert result.returncode != 0 and "--mode='dance'; allowed:" in result.stderr
+
+
+# The values reported as failing late (or not naming their key), each with the key its error must name.
+_BAD_VALUES = [
+    ('train', ['--config.diffusion.beta_schedule=linaer'], "config.diffusion.beta_schedule='linaer': unknown"),
+    ('sample', ['--config.sampling.sampler=euler'], "config.sampling.sampler='euler': unknown"),
+    ('sample', ['--config.sampling.num_steps=50'], 'config.sampling.num_steps=50: must be an integer in [1, T=20]'),
+    ('train', ['--config.data.image_size=7', '--config.model.ch_mult=(1,2)'], 'config.data.image_size=7: the U-Net'),
+    ('train', ['--config.data.image_size=0'], 'config.data.image_size=0: must be a positive integer'),
+    ('train', ['--config.data.name=folder', '--data_dir=MISSING'], "config.data.train_split='train': the image folder"),
+]
+
+
+@pytest.mark.parametrize('mode,flags,expected', _BAD_VALUES, ids=[' '.join(f) for _, f, _ in _BAD_VALUES])
+def test_cli_refuses_bad_config_values_before_creating_anything(tmp_path, mode, flags, expected):
+    workdir = tmp_path / 'run'
+    flags = [flag.replace('MISSING', str(tmp_path / 'missing')) for flag in flags]
+    result = _run_cli(workdir, f'--mode={mode}', *flags, num_devices=1)
+    assert result.returncode != 0 and expected in result.stderr, result.stderr[-4000:]
+    assert not workdir.exists()
