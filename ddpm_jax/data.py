@@ -15,7 +15,10 @@ Three kinds of source, picked by `config.data.name`, each random-access (`len(so
   and resized with Lanczos filtering, as StyleGAN's LSUN preparation does.
 * `'folder'`: every *.png / *.jpg / *.jpeg under config.data.data_dir/<split>/ (recursively,
   sorted by relative path), converted to RGB (C=3) or L (C=1), center-cropped to a square and
-  resized with Lanczos filtering to image_size.
+  resized with Lanczos filtering to image_size. The folder is scanned once when the source is made:
+  symbolic links are followed, each real directory once (a link loop adds nothing), and every file is
+  checked (`check_image_file`), so that an unreadable file is named with its path before training
+  starts. 16-bit images are scaled to 8 bits (round(v * 255 / 65535)), not clipped.
 
 Batches are float32 in [-1, 1] (x / 127.5 - 1, no dequantisation noise, as the official code).
 The global training batch of step s is a function of (config.seed, s) alone: positions
@@ -29,9 +32,11 @@ import concurrent.futures
 import functools
 import itertools
 import os
-from typing import Callable, Iterable, Iterator, Optional, Tuple
+from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
+
+from ddpm_jax.errors import UserError
 
 TFDS_FAMILIES = ('cifar10', 'celeb_a_hq', 'lsun')
 SOURCE_NAMES = ('digits', 'folder', 'cifar10', 'celeb_a_hq', 'lsun/<category>')
@@ -46,15 +51,46 @@ _PERMUTATION_STREAM = 0x5045524D   # 'PERM'
 _FLIP_STREAM = 0x464C4950          # 'FLIP'
 
 
+# Most unreadable files listed in one error.
+MAX_LISTED_BAD_FILES = 20
+
+
+class DataError(UserError, ValueError):
+    """Data that cannot be used: unreadable image files (named with their paths), or data settings that
+    cannot work."""
+
+
+class MissingDataError(UserError, FileNotFoundError):
+    """A data folder that does not exist or holds no images; says where the files should be."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Image helpers
+
+
+# PIL modes of 16-bit single-channel images (PNG reads 16-bit grayscale as 'I;16', older Pillow as 'I').
+_SIXTEEN_BIT_MODES = ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I')
+
+
+def _to_8_bit(image):
+    """A PIL image with 8-bit channels: 16-bit grayscale (modes 'I;16*', 'I') scaled by round(v * 255 / 65535),
+    where PIL's convert('L') would clip every value above 255; other images unchanged (PIL itself keeps
+    the high byte of 16-bit RGB(A) PNGs)."""
+    from PIL import Image
+    if image.mode not in _SIXTEEN_BIT_MODES:
+        return image
+    values = np.asarray(image).astype(np.int64)
+    if values.min(initial=0) < 0 or values.max(initial=0) > 65535:
+        raise ValueError(f'{image.mode} image has values in [{values.min()}, {values.max()}], outside 0..65535.')
+    # v * 255 / 65535 = v / 257; never exactly halfway (257 is odd), so rounding has no ties.
+    return Image.fromarray(np.round(values / 257.0).astype(np.uint8), 'L')
 
 
 def _fit_image(image, image_size: int, mode: str) -> np.ndarray:
     """A PIL image -> uint8 [image_size, image_size, C]: convert to `mode` ('RGB' or 'L'),
     center-crop to a square, resize with Lanczos filtering (skipped when already the size)."""
     from PIL import Image
-    image = image.convert(mode)
+    image = _to_8_bit(image).convert(mode)
     width, height = image.size
     side = min(width, height)
     if width != height:
@@ -117,35 +153,95 @@ class DigitsSource:
         return self._images[_as_indices(indices)]
 
 
+def find_image_files(split_dir: str) -> List[str]:
+    """Paths of the *.png / *.jpg / *.jpeg files under split_dir (recursive), sorted by relative path.
+
+    Symbolic links to directories are followed, but each real directory is entered once: the first link
+    in sorted order wins, so a link loop (`loop -> .`) or a second link to a folder adds no files twice.
+    """
+    paths = []
+    visited = set()  # (st_dev, st_ino) of the real directories entered
+    for directory, subdirectories, names in os.walk(split_dir, followlinks=True):
+        stat = os.stat(directory)
+        if (stat.st_dev, stat.st_ino) in visited:
+            subdirectories[:] = []
+            continue
+        visited.add((stat.st_dev, stat.st_ino))
+        subdirectories.sort()  # a deterministic walk, so the same link of a directory always wins
+        paths += [os.path.join(directory, name) for name in names
+                  if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS]
+    return sorted(paths, key=lambda path: os.path.relpath(path, split_dir))
+
+
+def check_image_file(path: str) -> None:
+    """Raises if `path` cannot be decoded, cheaply: JPEGs are decoded at 1/8 scale (PIL's draft mode skips
+    most of the inverse DCT but still reads every byte, so a truncated file fails); other formats are
+    verified without decoding (PNG: every chunk's CRC, up to the end chunk). Images of more than
+    PIL.Image.MAX_IMAGE_PIXELS pixels (PIL's decompression-bomb limit) are refused from their header."""
+    from PIL import Image
+    with Image.open(path) as image:
+        width, height = image.size
+        if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+            raise Image.DecompressionBombError(
+                f'{width}x{height} = {width * height} pixels, more than PIL.Image.MAX_IMAGE_PIXELS = '
+                f'{Image.MAX_IMAGE_PIXELS} (a possible decompression bomb)')
+        if image.format == 'JPEG':
+            image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
+            image.load()
+        else:
+            image.verify()
+
+
+def _file_problem(path: str) -> Optional[str]:
+    """None when check_image_file(path) passes, else its error as text."""
+    try:
+        check_image_file(path)
+    except Exception as error:  # pylint: disable=broad-except  # PIL raises many types for bad files
+        return f'{type(error).__name__}: {error}'
+    return None
+
+
 class FolderSource:
-    """Image files under root/<split>/ (recursive, sorted) as uint8 [n, S, S, C], read on demand."""
+    """Image files under root/<split>/ (recursive, sorted) as uint8 [n, S, S, C], read on demand.
+
+    Making one scans the folder (find_image_files) and checks every file (check_image_file) in
+    DECODE_THREADS threads, raising one DataError that lists the unreadable files.
+    """
 
     def __init__(self, root: str, split: str, image_size: int, channels: int):
         if not root:
-            raise ValueError("The 'folder' source needs config.data.data_dir (or --data_dir) set to the folder "
-                             'that holds one subfolder per split, e.g. <root>/train/**/*.png.')
+            raise DataError("The 'folder' source needs config.data.data_dir (or --data_dir) set to the folder "
+                            'that holds one subfolder per split, e.g. <root>/train/**/*.png.')
         split_dir = os.path.join(os.path.expanduser(root), split)
         if not os.path.isdir(split_dir):
-            raise FileNotFoundError(f'Image folder {split_dir!r} does not exist: the folder source reads '
-                                    f'<config.data.data_dir>/<split>/**/*.png|jpg|jpeg.')
-        paths = []
-        for directory, _, names in os.walk(split_dir, followlinks=True):
-            paths += [os.path.join(directory, name) for name in names
-                      if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS]
-        if not paths:
-            raise FileNotFoundError(f'No {"/".join(IMAGE_EXTENSIONS)} files found under {split_dir!r}.')
-        self.paths = sorted(paths, key=lambda path: os.path.relpath(path, split_dir))
+            raise MissingDataError(f'Image folder {split_dir!r} does not exist: the folder source reads '
+                                   f'<config.data.data_dir>/<split>/**/*.png|jpg|jpeg.')
         self._image_size = image_size
         self._mode = _pil_mode(channels)
+        self.paths = find_image_files(split_dir)
+        if not self.paths:
+            raise MissingDataError(f'No {"/".join(IMAGE_EXTENSIONS)} files found under {split_dir!r}.')
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=DECODE_THREADS)
+        bad = [(path, problem) for path, problem in zip(self.paths, self._pool.map(_file_problem, self.paths))
+               if problem is not None]
+        if bad:
+            listed = '\n'.join(f'  {path}: {problem}' for path, problem in bad[:MAX_LISTED_BAD_FILES])
+            more = f'\n  ... and {len(bad) - MAX_LISTED_BAD_FILES} more' if len(bad) > MAX_LISTED_BAD_FILES else ''
+            raise DataError(f'{len(bad)} of the {len(self.paths)} image files under {split_dir} cannot be '
+                                 f'read; delete, move or re-encode them:\n{listed}{more}')
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def _read(self, index: int) -> np.ndarray:
         from PIL import Image
-        with Image.open(self.paths[index]) as image:
-            return _fit_image(image, self._image_size, self._mode)
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                return _fit_image(image, self._image_size, self._mode)
+        except Exception as error:  # pylint: disable=broad-except  # the file changed after the scan
+            raise DataError(f'Image file {path} cannot be read ({type(error).__name__}: {error}); '
+                                 'delete, move or re-encode it.') from error
 
     def __getitem__(self, indices) -> np.ndarray:
         return np.stack(list(self._pool.map(self._read, _as_indices(indices).tolist())))
@@ -297,7 +393,7 @@ def _prefetched(make_batch: Callable[[int], object], steps: Iterable[int]) -> It
 
 
 def train_batches(config, *, start_step: int = 0, process_index: Optional[int] = None,
-                  process_count: Optional[int] = None) -> Iterator[np.ndarray]:
+                  process_count: Optional[int] = None, source=None) -> Iterator[np.ndarray]:
     """Endless per-host training batches, float32 [B // process_count, S, S, C] in [-1, 1].
 
     The global batch of step s holds the examples at positions s*B .. s*B+B-1 of the stream
@@ -305,14 +401,17 @@ def train_batches(config, *, start_step: int = 0, process_index: Optional[int] =
     (B = config.training.batch_size), each flipped horizontally where flip_mask(seed, s, B) is set
     (when config.data.random_flip). This host yields rows [process_index * b, (process_index + 1) * b)
     of it, b = B // process_count, starting at step `start_step`. Defaults: jax.process_index() and
-    jax.process_count(). Raises ValueError when B is not divisible by process_count.
+    jax.process_count(). `source`: the source of the training split when already made (a folder
+    source checks every file when made), else load_source(config, config.data.train_split). Raises
+    ValueError when B is not divisible by process_count.
     """
     global_batch_size = config.training.batch_size
     row_start, local_batch_size = _process_slice(global_batch_size, process_index, process_count,
                                                  'config.training.batch_size')
     if start_step < 0:
         raise ValueError(f'start_step={start_step} must be >= 0.')
-    source = load_source(config, config.data.train_split)
+    if source is None:
+        source = load_source(config, config.data.train_split)
     num_images = len(source)
     seed = config.seed
     random_flip = config.data.random_flip

@@ -318,7 +318,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     mesh = parallel.make_mesh()
     validate_config(config, mesh)
     is_primary = jax.process_index() == 0
-    data_lib.load_source(config, config.data.train_split)  # a missing dataset or bad image fails here, early
+    source = data_lib.load_source(config, config.data.train_split)  # a missing dataset or bad image fails here
     os.makedirs(workdir, exist_ok=True)
     manager = checkpoint.make_manager(workdir, config)
     try:
@@ -329,7 +329,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         step = int(parallel.to_host(state.step))
         if step:
             logging.info('Resumed from the checkpoint of step %d in %s', step, checkpoint.checkpoint_dir(workdir))
-        batches = data_lib.train_batches(config, start_step=step)
+        batches = data_lib.train_batches(config, start_step=step, source=source)
         return _train_loop(config, workdir, mesh, manager, state, step, batches, is_primary)
     finally:
         manager.wait_until_finished()

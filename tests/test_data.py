@@ -151,6 +151,96 @@ def test_folder_source_errors(tmp_path):
         data.load_source(_base_config(name='folder', data_dir=str(tmp_path), channels=4), 'train')
 
 
+def _png_bytes(pixels: np.ndarray, color_type: int, size=None) -> bytes:
+    """A PNG written here without PIL: uint8 or big-endian uint16 pixels [H, W] (color_type 0, gray) or
+    [H, W, 3] (color_type 2, RGB), filter 0 on every row. `size` (width, height) overrides the IHDR size."""
+    import struct
+    import zlib
+    height, width = pixels.shape[:2]
+    width, height = size or (width, height)
+    bit_depth = 8 * pixels.dtype.itemsize
+    rows = pixels.astype(pixels.dtype.newbyteorder('>')).reshape(pixels.shape[0], -1)
+    raw = b''.join(b'\x00' + row.tobytes() for row in rows)
+
+    def chunk(kind, body):
+        return struct.pack('>I', len(body)) + kind + body + struct.pack('>I', zlib.crc32(kind + body))
+
+    header = struct.pack('>IIBBBBB', width, height, bit_depth, color_type, 0, 0, 0)
+    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(raw))
+            + chunk(b'IEND', b''))
+
+
+def test_folder_source_scales_16_bit_images_to_8_bits(tmp_path):
+    """16-bit gray (PIL mode I;16) and 16-bit RGB PNGs against round(v * 255 / 65535) in float64."""
+    rng = np.random.default_rng(3)
+    gray = rng.integers(0, 65536, (6, 6), dtype=np.uint16)
+    gray.flat[:4] = (0, 65535, 128, 257 * 100 + 128)  # the ends and values just around a rounding boundary
+    rgb = rng.integers(0, 65536, (6, 6, 3), dtype=np.uint16)
+    (tmp_path / 'train').mkdir()
+    (tmp_path / 'train' / 'a_gray16.png').write_bytes(_png_bytes(gray, color_type=0))
+    (tmp_path / 'train' / 'b_rgb16.png').write_bytes(_png_bytes(rgb, color_type=2))
+    with Image.open(tmp_path / 'train' / 'a_gray16.png') as image:
+        assert image.mode.startswith('I')  # what PIL's convert('L') used to clip at 255
+    expected_gray = np.round(gray.astype(np.float64) * 255 / 65535)
+    expected_rgb = np.round(rgb.astype(np.float64) * 255 / 65535)
+
+    gray_source = data.load_source(_base_config(name='folder', data_dir=str(tmp_path), image_size=6), 'train')
+    np.testing.assert_array_equal(gray_source[[0]][0, ..., 0], expected_gray)
+    rgb_source = data.load_source(_base_config(name='folder', data_dir=str(tmp_path), image_size=6, channels=3),
+                                  'train')
+    images = rgb_source[[0, 1]].astype(np.float64)
+    np.testing.assert_array_equal(images[0], np.repeat(expected_gray[..., None], 3, axis=-1))
+    # PIL decodes 16-bit RGB PNGs itself, keeping the high byte: floor(v / 256), at most 1 from the rounded scale.
+    np.testing.assert_array_equal(images[1], rgb >> 8)
+    assert np.abs(images[1] - expected_rgb).max() <= 1
+
+
+def test_folder_source_follows_each_real_directory_once(tmp_path):
+    root, outside = tmp_path / 'root', tmp_path / 'outside'
+    _write_image(str(root / 'train' / 'a.png'), np.zeros((4, 4, 3), np.uint8))
+    _write_image(str(root / 'train' / 'sub' / 'b.png'), np.zeros((4, 4, 3), np.uint8))
+    _write_image(str(outside / 'c.png'), np.zeros((4, 4, 3), np.uint8))
+    # A loop into itself (a second loop, e.g. sub/parent -> .., would make the old unguarded walk exponential).
+    os.symlink('.', root / 'train' / 'loop')
+    os.symlink(outside, root / 'train' / 'linked')       # a linked folder elsewhere: read
+    os.symlink(root / 'train' / 'sub', root / 'train' / 'sub_again')  # a second name of sub: not read again
+    source = data.load_source(_base_config(name='folder', data_dir=str(root), image_size=4, channels=3), 'train')
+    assert [os.path.relpath(p, root / 'train') for p in source.paths] == [
+        'a.png', os.path.join('linked', 'c.png'), os.path.join('sub', 'b.png')]
+
+
+def test_folder_source_names_every_unreadable_file_at_start(tmp_path):
+    rng = np.random.default_rng(4)
+    train = tmp_path / 'train'
+    _write_image(str(train / 'good.jpg'), rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    _write_image(str(train / 'good.png'), rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    jpeg, png = (train / 'good.jpg').read_bytes(), (train / 'good.png').read_bytes()
+    (train / 'truncated.jpg').write_bytes(jpeg[:len(jpeg) // 2])
+    (train / 'truncated.png').write_bytes(png[:len(png) // 2])
+    (train / 'text.png').write_text('not an image')
+    # 100000 x 100000 pixels declared in 70 bytes: PIL's decompression-bomb limit refuses it.
+    (train / 'bomb.png').write_bytes(_png_bytes(np.zeros((1, 1), np.uint8), color_type=0, size=(100_000, 100_000)))
+    with pytest.raises(data.DataError) as error:
+        data.load_source(_base_config(name='folder', data_dir=str(tmp_path), image_size=8, channels=3), 'train')
+    message = str(error.value)
+    assert message.startswith(f'4 of the 6 image files under {train} cannot be read')
+    for name in ('truncated.jpg', 'truncated.png', 'text.png', 'bomb.png'):
+        assert f'  {train / name}: ' in message, name
+    assert 'good' not in message
+    assert 'DecompressionBombError' in message
+
+
+def test_folder_source_names_a_file_broken_during_training(tmp_path):
+    _write_image(str(tmp_path / 'train' / 'a.png'), np.full((4, 4, 3), 7, np.uint8))
+    _write_image(str(tmp_path / 'train' / 'b.png'), np.full((4, 4, 3), 9, np.uint8))
+    config = _base_config(name='folder', data_dir=str(tmp_path), image_size=4, channels=3, random_flip=False)
+    config.training.batch_size = 2
+    source = data.load_source(config, 'train')
+    (tmp_path / 'train' / 'b.png').write_bytes(b'overwritten after the scan')
+    with pytest.raises(data.DataError, match=f'Image file {tmp_path / "train" / "b.png"} cannot be read'):
+        next(data.train_batches(config, source=source, process_index=0, process_count=1))
+
+
 def test_tfds_sources_offline_under_mock_data(tmp_path):
     tfds = pytest.importorskip('tensorflow_datasets')
     cifar = _base_config(name='cifar10', tfds_name='cifar10', image_size=32, channels=3, data_dir=str(tmp_path))
