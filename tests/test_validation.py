@@ -28,8 +28,8 @@ BAD_VALUES = [
     ({'sampling.num_samples': 0}, 'sample', 'config.sampling.num_samples=0: must be a positive integer'),
     ({'sampling.ddim_eta': -0.5}, 'sample', 'config.sampling.ddim_eta=-0.5'),
     ({'data.image_size': 7, 'model.ch_mult': (1, 2, 2)}, 'train',
-     'config.data.image_size=7: the U-Net halves the images 2 times (len(config.model.ch_mult)=3), so the size '
-     'must be a multiple of 4'),
+     ('config.data.image_size=7: the U-Net halves the images 2 times (len(config.model.ch_mult)=3), so the size '
+      'must be a multiple of 4')),
     ({'data.image_size': 0}, 'sample', 'config.data.image_size=0: must be a positive integer'),
     ({'data.name': 'imagenet'}, 'train', "config.data.name='imagenet': unknown; allowed: digits, folder"),
     ({'data.channels': 3}, 'train', 'config.data.channels=3: the digits are grayscale'),
@@ -42,8 +42,8 @@ BAD_VALUES = [
     ({'model.ch_mult': ()}, 'train', 'config.model.ch_mult=(): must be a non-empty tuple of positive integers'),
     ({'model.ch_mult': (1, 0)}, 'sample', 'config.model.ch_mult=(1, 0): must be a non-empty tuple'),
     ({'model.num_res_blocks': -1}, 'train', 'config.model.num_res_blocks=-1: must be an integer >= 0'),
-    ({'model.attn_resolutions': (16,)}, 'train', 'config.model.attn_resolutions=(16,): [16] never occur: with '
-     'image_size=8 and 1 levels the U-Net works at [8]'),
+    ({'model.attn_resolutions': (16,)}, 'train', ('config.model.attn_resolutions=(16,): [16] never occur: with '
+                                                  'image_size=8 and 1 levels the U-Net works at [8]')),
     ({'model.dropout': 1.0}, 'train', 'config.model.dropout=1.0: must be a number in [0.0, 1.0)'),
     ({'model.dtype': 'float16'}, 'sample', "config.model.dtype='float16': unknown; allowed: float32, bfloat16"),
     ({'model.attention': 'flash'}, 'train', "config.model.attention='flash': unknown"),
@@ -63,8 +63,8 @@ BAD_VALUES = [
     ({'eval.interp_indices': (0,)}, 'interpolate', 'config.eval.interp_indices=(0,): must be two image indices'),
     ({'eval.num_lambdas': 1}, 'interpolate', 'config.eval.num_lambdas=1'),
     ({'eval.fid_batch_size': 0}, 'fid', 'config.eval.fid_batch_size=0'),
-    ({'eval.inception_weights': '/nonexistent/default_1.pt'}, 'fid', "config.eval.inception_weights="
-     "'/nonexistent/default_1.pt': no such file"),
+    ({'eval.inception_weights': '/nonexistent/default_1.pt'}, 'fid',
+     "config.eval.inception_weights='/nonexistent/default_1.pt': no such file"),
 ]
 
 
@@ -114,8 +114,8 @@ def test_missing_image_folder_and_tfds_dataset_are_named(tmp_path):
     (tmp_path / 'train').mkdir()
     assert validation.problems_of(config, 'train') == []
     lines = validation.problems_of(config, 'fid')  # also reads the eval split, 'test'
-    assert lines == [f"config.data.eval_split='test': the image folder {tmp_path / 'test'} does not exist; put the "
-                     'images there or set config.data.data_dir (--data_dir) to the folder that holds it']
+    assert lines == [(f"config.data.eval_split='test': the image folder {tmp_path / 'test'} does not exist; put the "
+                      'images there or set config.data.data_dir (--data_dir) to the folder that holds it')]
     config = multihost_worker.tiny_config(**{'data.name': 'cifar10', 'data.tfds_name': 'cifar10',
                                              'data.channels': 3, 'data.data_dir': str(tmp_path)})
     assert validation.problems_of(config, 'sample') == []  # sampling reads no data
