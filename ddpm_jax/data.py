@@ -174,22 +174,23 @@ def find_image_files(split_dir: str) -> List[str]:
 
 
 def check_image_file(path: str) -> None:
-    """Raises if `path` cannot be decoded, cheaply: JPEGs are decoded at 1/8 scale (PIL's draft mode skips
-    most of the inverse DCT but still reads every byte, so a truncated file fails); other formats are
-    verified without decoding (PNG: every chunk's CRC, up to the end chunk). Images of more than
-    PIL.Image.MAX_IMAGE_PIXELS pixels (PIL's decompression-bomb limit) are refused from their header."""
-    from PIL import Image
+    """Raises if `path` cannot be decoded, cheaply: PNGs are verified without decompressing (every chunk's
+    CRC, up to the end chunk); JPEGs are decoded at 1/8 scale (PIL's draft mode skips most of the inverse
+    DCT but still reads every byte, so a truncated file fails); anything else is decoded. Images of more
+    than PIL.Image.MAX_IMAGE_PIXELS pixels (PIL's decompression-bomb limit) are refused from their header."""
+    from PIL import Image, JpegImagePlugin
     with Image.open(path) as image:
         width, height = image.size
         if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
             raise Image.DecompressionBombError(
                 f'{width}x{height} = {width * height} pixels, more than PIL.Image.MAX_IMAGE_PIXELS = '
                 f'{Image.MAX_IMAGE_PIXELS} (a possible decompression bomb)')
-        if image.format == 'JPEG':
-            image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
-            image.load()
-        else:
+        if image.format == 'PNG':
             image.verify()
+        else:
+            if isinstance(image, JpegImagePlugin.JpegImageFile):  # also MPO, the JPEG variant of cameras
+                image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
+            image.load()
 
 
 def _file_problem(path: str) -> Optional[str]:

@@ -1,4 +1,5 @@
 """Tests of ddpm_jax.data: sources (digits, TFDS under mock_data, image folder) and deterministic batching."""
+import io
 import os
 
 import numpy as np
@@ -218,13 +219,16 @@ def test_folder_source_names_every_unreadable_file_at_start(tmp_path):
     (train / 'truncated.jpg').write_bytes(jpeg[:len(jpeg) // 2])
     (train / 'truncated.png').write_bytes(png[:len(png) // 2])
     (train / 'text.png').write_text('not an image')
+    bmp = io.BytesIO()  # another format under a .png name: decoded in full
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(bmp, 'BMP')
+    (train / 'bmp.png').write_bytes(bmp.getvalue()[:len(bmp.getvalue()) // 2])
     # 100000 x 100000 pixels declared in 70 bytes: PIL's decompression-bomb limit refuses it.
     (train / 'bomb.png').write_bytes(_png_bytes(np.zeros((1, 1), np.uint8), color_type=0, size=(100_000, 100_000)))
     with pytest.raises(data.DataError) as error:
         data.load_source(_base_config(name='folder', data_dir=str(tmp_path), image_size=8, channels=3), 'train')
     message = str(error.value)
-    assert message.startswith(f'4 of the 6 image files under {train} cannot be read')
-    for name in ('truncated.jpg', 'truncated.png', 'text.png', 'bomb.png'):
+    assert message.startswith(f'5 of the 7 image files under {train} cannot be read')
+    for name in ('truncated.jpg', 'truncated.png', 'text.png', 'bmp.png', 'bomb.png'):
         assert f'  {train / name}: ' in message, name
     assert 'good' not in message
     assert 'DecompressionBombError' in message
