@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import subprocess_helpers
 
 from configs import default
 from ddpm_jax import convert
@@ -294,6 +293,7 @@ def test_cli_converts_safetensors_into_a_restorable_checkpoint(tmp_path):
     repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([repo_root, os.environ.get('PYTHONPATH', '')]),
                JAX_PLATFORMS='cpu')
+    import subprocess_helpers  # here: the config file above imports this module without tests/ on sys.path
     result = subprocess_helpers.run([sys.executable, '-m', 'ddpm_jax.convert', f'--source={source}',
                                      f'--config={config_file}', f'--workdir={workdir}'], cwd=repo_root, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
