@@ -24,6 +24,9 @@ _READS_EVAL_SPLIT = ('eval', 'fid', 'rate_distortion', 'interpolate')
 _READS_TRAIN_SPLIT = ('train', 'fid')
 
 
+_MISSING = object()
+
+
 class ConfigError(UserError, ValueError):
     """One or more config values that cannot work; the message names each key, its value and the fix."""
 
@@ -44,8 +47,11 @@ class _Problems:
         self.lines: list[str] = []
 
     def value(self, key: str) -> Any:
+        """config.<key>, or _MISSING for a key an older config file does not set (the code has a default)."""
         node = self.config
         for part in key.split('.'):
+            if part not in node:
+                return _MISSING
             node = node[part]
         return node
 
@@ -53,20 +59,22 @@ class _Problems:
         self.lines.append(f'config.{key}={self.value(key)!r}: {message}')
 
     def choice(self, key: str, allowed) -> bool:
-        if self.value(key) not in allowed:
+        if self.value(key) is not _MISSING and self.value(key) not in allowed:
             self.add(key, f'unknown; allowed: {", ".join(allowed)}')
             return False
         return True
 
     def integer(self, key: str, minimum: int, what: str = '') -> bool:
         value = self.value(key)
-        if not _is_int(value) or value < minimum:
+        if value is not _MISSING and (not _is_int(value) or value < minimum):
             self.add(key, what or ('must be a positive integer' if minimum == 1 else f'must be an integer >= {minimum}'))
             return False
         return True
 
     def number(self, key: str, low: float, high: float, *, low_open=False, high_open=False) -> bool:
         value = self.value(key)
+        if value is _MISSING:
+            return True
         ok = _is_number(value) and (value > low if low_open else value >= low) and (
             value < high if high_open else value <= high)
         if not ok:
