@@ -100,6 +100,12 @@ def test_checks_follow_the_mode():
     assert validation.problems_of(bad_steps, 'eval') == []
 
 
+def test_keys_an_older_config_lacks_are_not_problems():
+    config = multihost_worker.tiny_config()
+    del config.training['steps_per_dispatch']  # train.py reads it with a default of 1
+    assert validation.problems_of(config, 'train') == []
+
+
 @pytest.mark.parametrize('file_name', sorted(os.listdir(CONFIGS_DIR)))
 def test_shipped_configs_pass_in_every_mode(file_name, monkeypatch):
     # Whether a TFDS dataset is prepared depends on the machine, not on the config.
