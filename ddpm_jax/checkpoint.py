@@ -15,6 +15,7 @@ it is retried after `RETRY_WAITS_S` and then stops with `CheckpointIOError`, the
 """
 import hashlib
 import json
+import logging as python_logging
 import os
 import re
 import shutil
@@ -48,6 +49,19 @@ _COMPUTE_SWITCHES = ('model.dtype', 'model.attention', 'model.remat', 'model.fas
 RETRY_WAITS_S = (1.0, 4.0, 15.0)
 # Text of tensorstore errors (they arrive as ValueError) that report I/O trouble rather than damaged bytes.
 _TRANSIENT_MARKERS = ('UNAVAILABLE', 'DEADLINE_EXCEEDED', 'Input/output error', 'timed out', 'Connection reset')
+
+
+class _DropAbandonedTensorstoreReads(python_logging.Filter):
+    """Drops asyncio's "Future exception was never retrieved" records of tensorstore reads that orbax abandons
+    after the first failure of a restore: each repeats that failure (already reported, summarised) with
+    TensorStore's JSON specs, kilobytes of text."""
+
+    def filter(self, record: python_logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith('Future exception was never retrieved') and 'tensorstore_spec' in message)
+
+
+python_logging.getLogger('asyncio').addFilter(_DropAbandonedTensorstoreReads())
 
 
 class CorruptCheckpointError(UserError, RuntimeError):
