@@ -481,11 +481,20 @@ def checkpoint_history(workdir: str) -> list:
     return found
 
 
-def remove_unfinished_saves(workdir: str) -> list:
-    """Deletes the temporary directories of saves that did not complete (process 0); returns their paths."""
+def remove_unfinished_saves(workdir: str, timeout_s: float = 60.0) -> list:
+    """Deletes the temporary directories of saves that did not complete (process 0); returns their paths.
+
+    Call after the manager's close(). A failed save can leave orbax threads behind that still write into its
+    directory (its metadata writer, for one); they are awaited first (up to `timeout_s` each), or the
+    directory would come back after its removal.
+    """
     directory = checkpoint_dir(workdir)
     if jax.process_index() != 0 or not os.path.isdir(directory):
         return []
+    from orbax.checkpoint._src.futures import future as orbax_future  # pylint: disable=g-import-not-at-top
+    for thread in threading.enumerate():
+        if isinstance(thread, getattr(orbax_future, '_SignalingThread', ())):
+            thread.join(timeout_s)
     removed = []
     for entry in sorted(os.listdir(directory)):
         if _UNFINISHED_MARK in entry:

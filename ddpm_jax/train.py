@@ -349,11 +349,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, restart_from_scrat
             step = int(parallel.to_host(state.step))
             batches = data_lib.train_batches(config, start_step=step)
             state = _train_loop(config, workdir, mesh, manager, state, step, batches, is_primary)
-        except BaseException:
+        except BaseException as error:
             try:  # waits for a save in flight; its own failure, if any, was reported or is secondary to this one
                 manager.close()
-            except Exception as error:  # pylint: disable=broad-except
-                logging.warning('Closing the checkpoint manager failed too: %s', checkpoint.summarize_error(error))
+            except Exception as close_error:  # pylint: disable=broad-except
+                logging.warning('Closing the checkpoint manager failed too: %s',
+                                checkpoint.summarize_error(close_error))
+            if isinstance(error, SaveFailedError):  # only now: orbax's threads write into it until the close
+                for path in checkpoint.remove_unfinished_saves(workdir):
+                    logging.warning('Removed the unfinished save %s', path)
             raise
         manager.close()
         return state
@@ -396,16 +400,14 @@ def _restore_or_start(config: ml_collections.ConfigDict, workdir: str, mesh: jax
 
 
 def _save_failed(error: BaseException, step: int, workdir: str) -> SaveFailedError:
-    """The one-line SaveFailedError for a failed save of `step`, after removing its unfinished directory."""
-    removed = checkpoint.remove_unfinished_saves(workdir)
+    """The one-line SaveFailedError for a failed save of `step` (train() removes the unfinished directory)."""
     os_error = next((link for link in checkpoint.error_chain(error)
                      if isinstance(link, OSError) and link.errno), None)
     cause = os.strerror(os_error.errno) if os_error is not None else checkpoint.summarize_error(error)
     return SaveFailedError(
-        f'{cause} while saving step {step} to {checkpoint.checkpoint_dir(workdir)}: training stopped'
-        + (f' and removed the unfinished {", ".join(removed)}' if removed else '')
-        + '; the last complete checkpoint is kept. Free space or fix the permissions, then rerun the same command '
-        'to resume from it.')
+        f'{cause} while saving step {step} to {checkpoint.checkpoint_dir(workdir)}: training stopped and the '
+        'unfinished save is removed; the last complete checkpoint is kept. Free space or fix the permissions, then '
+        'rerun the same command to resume from it.')
 
 
 def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh, manager, state: TrainState,

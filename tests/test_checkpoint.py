@@ -160,7 +160,8 @@ def test_transient_read_error_is_retried_and_never_quarantines(tmp_path, config,
     # EIO on every try (the first read and the two retries): a clear error, the checkpoint stays in place.
     monkeypatch.undo()
     failed = _failing_restores(monkeypatch, 100, _eio)
-    with pytest.raises(checkpoint.CheckpointIOError, match='step 2 .* failed 3 times .*Input/output error.*left in place'):
+    with pytest.raises(checkpoint.CheckpointIOError,
+                       match='step 2 .* failed 3 times .*Input/output error.*left in place'):
         _restore(workdir, config, mesh)
     assert failed == [2, 2, 2]
     assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['1', '2']
