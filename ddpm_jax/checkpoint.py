@@ -52,13 +52,13 @@ _TRANSIENT_MARKERS = ('UNAVAILABLE', 'DEADLINE_EXCEEDED', 'Input/output error', 
 
 
 class _DropAbandonedTensorstoreReads(python_logging.Filter):
-    """Drops asyncio's "Future exception was never retrieved" records of tensorstore reads that orbax abandons
+    """Drops asyncio's "Future/Task exception was never retrieved" records of tensorstore reads that orbax abandons
     after the first failure of a restore: each repeats that failure (already reported, summarised) with
     TensorStore's JSON specs, kilobytes of text."""
 
     def filter(self, record: python_logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not (message.startswith('Future exception was never retrieved') and 'tensorstore_spec' in message)
+        return not ('exception was never retrieved' in message and 'tensorstore_spec' in message)
 
 
 python_logging.getLogger('asyncio').addFilter(_DropAbandonedTensorstoreReads())
