@@ -7,15 +7,21 @@ Each step directory holds three items, so evaluation can read the EMA params alo
                integer checksum of every saved item, checked on restore.
 
 Orbax writes each step to a temporary directory and renames it when complete, so a save that
-is interrupted never replaces the last good checkpoint. A checkpoint that fails to restore or
-whose checksum does not match is moved to `workdir/checkpoints_corrupt/` with a warning and
-the previous one is used; when none is good, restoring raises an error instead of starting over.
+is interrupted never replaces the last good checkpoint. A checkpoint with evidence of damage (a checksum
+mismatch, missing or truncated files, undecodable metadata) is moved to `workdir/checkpoints_corrupt/` with
+a warning and the previous one is used; when none is good, restoring raises an error instead of starting
+over. A read that fails with an I/O error (EIO, a timeout, a permission error) says nothing about the bytes:
+it is retried after `RETRY_WAITS_S` and then stops with `CheckpointIOError`, the checkpoint left in place.
 """
 import hashlib
 import json
+import logging as python_logging
 import os
+import re
+import shutil
 import threading
-from typing import Any, Optional
+import time
+from typing import Any, Callable, Optional
 
 import jax
 import ml_collections
@@ -24,6 +30,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from ddpm_jax import parallel
+from ddpm_jax.errors import UserError
 
 ITEM_EMA = 'ema_params'
 ITEM_STATE = 'train_state'
@@ -38,8 +45,39 @@ _COMPATIBILITY_KEYS = ('model', 'diffusion', 'data.image_size', 'data.channels')
 _COMPUTE_SWITCHES = ('model.dtype', 'model.attention', 'model.remat', 'model.fast_variance')
 
 
-class CorruptCheckpointError(RuntimeError):
-    """A checkpoint that cannot be read back or whose content does not match its checksum."""
+# Seconds to wait before each retry of a checkpoint read that failed with a transient I/O error.
+RETRY_WAITS_S = (1.0, 4.0, 15.0)
+# Text of tensorstore errors (they arrive as ValueError) that report I/O trouble rather than damaged bytes.
+_TRANSIENT_MARKERS = ('UNAVAILABLE', 'DEADLINE_EXCEEDED', 'Input/output error', 'timed out', 'Connection reset')
+
+
+class _DropAbandonedTensorstoreReads(python_logging.Filter):
+    """Drops asyncio's "Future/Task exception was never retrieved" records of tensorstore reads that orbax abandons
+    after the first failure of a restore: each repeats that failure (already reported, summarised) with
+    TensorStore's JSON specs, kilobytes of text."""
+
+    def filter(self, record: python_logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ('exception was never retrieved' in message and 'tensorstore_spec' in message)
+
+
+python_logging.getLogger('asyncio').addFilter(_DropAbandonedTensorstoreReads())
+
+
+class CorruptCheckpointError(UserError, RuntimeError):
+    """A checkpoint with evidence of damage: files missing, truncated or undecodable, or a checksum mismatch."""
+
+
+class CheckpointIOError(UserError, RuntimeError):
+    """A checkpoint that could not be read because of I/O errors that outlasted the retries; it is left in place."""
+
+
+class CheckpointNotFoundError(UserError, FileNotFoundError):
+    """No checkpoint (or not the requested step) where one is needed."""
+
+
+class IncompatibleCheckpointError(UserError, ValueError):
+    """A checkpoint written for another model/diffusion/data shape, or of a kind that cannot be resumed."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -150,7 +188,7 @@ def check_compatible(saved_config: dict, config: ml_collections.ConfigDict) -> N
             if old.get(name) != new.get(name):
                 differing.append(f'{name}: checkpoint {old.get(name)!r} vs config {new.get(name)!r}')
     if differing:
-        raise ValueError(
+        raise IncompatibleCheckpointError(
             'The checkpoint was written with a different model/diffusion/data shape than the config: '
             + '; '.join(differing)
             + '. Use the config the checkpoint was trained with, or a fresh --workdir.')
@@ -222,12 +260,67 @@ def _abstract(tree: Any, sharding: Optional[jax.sharding.Sharding]) -> Any:
     return jax.tree.map(leaf, tree)
 
 
+def error_chain(error: BaseException):
+    """The error, then its causes (__cause__, else __context__), outermost first."""
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a failed read is I/O trouble that says nothing about the checkpoint's bytes.
+
+    True for OSErrors (EIO, timeouts, permissions, a stale network handle) other than a missing path, and for
+    tensorstore errors reporting an I/O error or unavailability; False for everything else (missing or
+    truncated files, undecodable data), which is evidence of damage.
+    """
+    for link in error_chain(error):
+        if isinstance(link, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+            return False
+        if isinstance(link, OSError) or any(marker in str(link) for marker in _TRANSIENT_MARKERS):
+            return True
+    return False
+
+
+def summarize_error(error: BaseException, limit: int = 400) -> str:
+    """'Type: message' on one line, with TensorStore's JSON specs (kilobytes each) left out."""
+    text = re.sub(r"\s*\[tensorstore_spec(\[\d+\])?='[^']*'\]", '', str(error))
+    text = ' '.join(text.split())
+    if len(text) > limit:
+        text = text[:limit] + ' ...'
+    return f'{type(error).__name__}: {text}'
+
+
+def _read_with_retries(read: Callable[[], Any], step: int, directory: str) -> Any:
+    """read(), retried after each of RETRY_WAITS_S while it fails with a transient error (`is_transient`);
+    CheckpointIOError when the retries are spent. Other errors propagate at once."""
+    for attempt, wait in enumerate((*RETRY_WAITS_S, None), start=1):
+        try:
+            return read()
+        except Exception as error:  # pylint: disable=broad-except
+            if not is_transient(error):
+                raise
+            if wait is None:
+                raise CheckpointIOError(
+                    f'reading checkpoint step {step} in {directory} failed {attempt} times ({summarize_error(error)}); '
+                    'it is left in place, since an I/O error is no evidence of damage. Check the filesystem, then '
+                    'rerun the same command.') from error
+            logging.warning('Reading checkpoint step %d in %s failed (%s); retrying in %.3g s.', step, directory,
+                            summarize_error(error), wait)
+            time.sleep(wait)
+    raise AssertionError('unreachable')
+
+
 def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
     try:
-        restored = manager.restore(step, args=ocp.args.Composite(**{ITEM_META: ocp.args.JsonRestore()}))
+        restored = _read_with_retries(
+            lambda: manager.restore(step, args=ocp.args.Composite(**{ITEM_META: ocp.args.JsonRestore()})),
+            step, str(manager.directory))
         meta = restored[ITEM_META]
+    except CheckpointIOError:
+        raise
     except Exception as error:  # pylint: disable=broad-except
-        raise CorruptCheckpointError(f'step {step}: metadata unreadable ({type(error).__name__}: {error})') from error
+        raise CorruptCheckpointError(f'step {step}: metadata unreadable ({summarize_error(error)})') from error
     if not isinstance(meta, dict) or 'config' not in meta or 'checksums' not in meta:
         raise CorruptCheckpointError(f'step {step}: metadata incomplete: {meta!r:.200}')
     return meta
@@ -238,14 +331,17 @@ def _restore_items(manager: ocp.CheckpointManager, step: int, targets: dict) -> 
     meta = _read_meta(manager, step)
     missing = [name for name in targets if name not in meta['checksums']]
     if missing:
-        raise ValueError(f'checkpoint step {step} is a {meta.get("kind")!r} checkpoint without {missing}; '
-                         'a params-only checkpoint (from the converter) can be sampled and evaluated but '
-                         'not resumed: train in a fresh --workdir.')
+        raise IncompatibleCheckpointError(
+            f'checkpoint step {step} is a {meta.get("kind")!r} checkpoint without {missing}; a params-only '
+            'checkpoint (from the converter) can be sampled and evaluated but not resumed: train in a fresh --workdir.')
     try:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            **{name: ocp.args.StandardRestore(target) for name, target in targets.items()}))
+        restored = _read_with_retries(lambda: manager.restore(step, args=ocp.args.Composite(
+            **{name: ocp.args.StandardRestore(target) for name, target in targets.items()})),
+                                      step, str(manager.directory))
+    except CheckpointIOError:
+        raise
     except Exception as error:  # pylint: disable=broad-except
-        raise CorruptCheckpointError(f'step {step}: {type(error).__name__}: {error}') from error
+        raise CorruptCheckpointError(f'step {step}: {summarize_error(error)}') from error
     for name in targets:
         if tree_checksum(restored[name]) != meta['checksums'][name]:
             raise CorruptCheckpointError(f'step {step}: item {name!r} does not match its checksum')
@@ -273,12 +369,16 @@ def _quarantine(workdir: str, manager: ocp.CheckpointManager, step: int) -> None
 
 def _restore_with_fallback(workdir: str, manager: ocp.CheckpointManager, config: ml_collections.ConfigDict,
                            targets: dict, step: Optional[int], quarantine: bool) -> Optional[dict]:
-    """Restores `step`, or the newest good step; None when there are no checkpoints."""
+    """Restores `step`, or the newest good step; None when there are no checkpoints.
+
+    A step whose directory is gone after a failed read was deleted meanwhile (a trainer's retention, while an
+    evaluation mode reads beside it): it is skipped with a warning, not counted as damage.
+    """
     steps = sorted(manager.all_steps(), reverse=True)
     if step is not None:
         if step not in steps:
-            raise FileNotFoundError(f'no checkpoint for step {step} in {checkpoint_dir(workdir)}; '
-                                    f'available steps: {sorted(steps)}')
+            raise CheckpointNotFoundError(f'no checkpoint for step {step} in {checkpoint_dir(workdir)}; '
+                                          f'available steps: {sorted(steps)}')
         steps = [step]
     if not steps:
         return None
@@ -289,14 +389,21 @@ def _restore_with_fallback(workdir: str, manager: ocp.CheckpointManager, config:
             check_compatible(meta['config'], config)
             return _restore_items(manager, candidate, targets)
         except CorruptCheckpointError as error:
+            if not os.path.isdir(os.path.join(checkpoint_dir(workdir), str(candidate))):
+                failures.append(f'step {candidate}: deleted while being read')
+                logging.warning('Checkpoint step %d in %s was deleted while being read (the retention of a run '
+                                'training in this workdir); trying the previous one.', candidate,
+                                checkpoint_dir(workdir))
+                continue
             failures.append(str(error))
-            logging.warning('Checkpoint step %d in %s is unreadable or corrupt (%s); trying the previous one.',
+            logging.warning('Checkpoint step %d in %s is corrupt (%s); trying the previous one.',
                             candidate, checkpoint_dir(workdir), error)
             if quarantine:
                 _quarantine(workdir, manager, candidate)
     raise CorruptCheckpointError(
         f'no readable checkpoint in {checkpoint_dir(workdir)}: ' + '; '.join(failures)
-        + '. Remove the damaged step directories (or the workdir) to start over.')
+        + ('. The damaged ones were moved to ' + os.path.join(os.path.abspath(workdir), 'checkpoints_corrupt')
+           + '. To train from step 0 in this workdir anyway, pass --restart_from_scratch.' if quarantine else '.'))
 
 
 def restore_state(workdir: str, manager: ocp.CheckpointManager, state: Any,
@@ -332,8 +439,8 @@ def restore_ema_params(workdir: str, config: ml_collections.ConfigDict,
     """
     from ddpm_jax import train  # pylint: disable=g-import-not-at-top  (train imports this module)
     if not os.path.isdir(checkpoint_dir(workdir)):
-        raise FileNotFoundError(f'no checkpoints directory {checkpoint_dir(workdir)}; train first or pass the '
-                                'workdir of a run (or one written by the converter).')
+        raise CheckpointNotFoundError(f'no checkpoints directory {checkpoint_dir(workdir)}; train first or pass the '
+                                      'workdir of a run (or one written by the converter).')
     mesh = parallel.make_mesh()
     target = _abstract(jax.eval_shape(lambda: train.init_params(config, jax.random.key(0))),
                        parallel.replicated_sharding(mesh))
@@ -343,7 +450,7 @@ def restore_ema_params(workdir: str, config: ml_collections.ConfigDict,
     finally:
         manager.close()
     if restored is None:
-        raise FileNotFoundError(f'no checkpoint in {checkpoint_dir(workdir)}')
+        raise CheckpointNotFoundError(f'no checkpoint in {checkpoint_dir(workdir)}: train (or convert) a model first.')
     return restored[ITEM_EMA], int(restored['meta']['step'])
 
 
@@ -357,3 +464,41 @@ def latest_step(workdir: str) -> Optional[int]:
     finally:
         manager.close()
 
+
+
+_UNFINISHED_MARK = '.orbax-checkpoint-tmp'  # orbax's name for a step directory whose save has not completed
+
+
+def checkpoint_history(workdir: str) -> list:
+    """Paths that show `workdir` has held checkpoints: the complete step directories in workdir/checkpoints
+    (unfinished saves do not count) and everything moved to workdir/checkpoints_corrupt."""
+    found = []
+    for name in ('checkpoints', 'checkpoints_corrupt'):
+        directory = os.path.join(os.path.abspath(workdir), name)
+        if os.path.isdir(directory):
+            found += [os.path.join(directory, entry) for entry in sorted(os.listdir(directory))
+                      if name == 'checkpoints_corrupt' or _UNFINISHED_MARK not in entry]
+    return found
+
+
+def remove_unfinished_saves(workdir: str, timeout_s: float = 60.0) -> list:
+    """Deletes the temporary directories of saves that did not complete (process 0); returns their paths.
+
+    Call after the manager's close(). A failed save can leave orbax threads behind that still write into its
+    directory (its metadata writer, for one); they are awaited first (up to `timeout_s` each), or the
+    directory would come back after its removal.
+    """
+    directory = checkpoint_dir(workdir)
+    if jax.process_index() != 0 or not os.path.isdir(directory):
+        return []
+    from orbax.checkpoint._src.futures import future as orbax_future  # pylint: disable=g-import-not-at-top
+    for thread in threading.enumerate():
+        if isinstance(thread, getattr(orbax_future, '_SignalingThread', ())):
+            thread.join(timeout_s)
+    removed = []
+    for entry in sorted(os.listdir(directory)):
+        if _UNFINISHED_MARK in entry:
+            path = os.path.join(directory, entry)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed

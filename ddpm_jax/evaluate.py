@@ -128,7 +128,11 @@ def model_apply_fn(config) -> Callable:
 
 
 def load_model(config, workdir: str):
-    """(apply_fn(params, x, t) -> output, EMA params, checkpoint step) of the checkpoint config.eval selects."""
+    """(apply_fn(params, x, t) -> output, EMA params, checkpoint step) of the checkpoint config.eval selects.
+
+    Every evaluation mode (sample, fid, eval and the figures) picks its checkpoint here: config.eval.checkpoint_step,
+    or the newest one that reads back intact (checkpoint.restore_ema_params falls back past damaged ones).
+    """
     from ddpm_jax import checkpoint  # pylint: disable=g-import-not-at-top
     params, step = checkpoint.restore_ema_params(workdir, config, step=_checkpoint_step(config))
     return model_apply_fn(config), params, int(step)
@@ -557,14 +561,12 @@ def reference_stats_file(config, workdir: str, split: str, weights_sha256: str) 
 
 
 def _load_samples_for_fid(config, workdir: str) -> tuple[np.ndarray, str, int]:
-    """(uint8 samples [N,H,W,C], samples.npz path, checkpoint step) written by sample mode for this config."""
-    from ddpm_jax import checkpoint  # pylint: disable=g-import-not-at-top
-    step = _checkpoint_step(config)
-    if step is None:
-        step = checkpoint.latest_step(workdir)
-    if step is None:
-        raise FileNotFoundError(f'no checkpoint in {checkpoint.checkpoint_dir(workdir)}: train (or convert) a model, '
-                                'then run --mode=sample, then --mode=fid.')
+    """(uint8 samples [N,H,W,C], samples.npz path, checkpoint step) written by sample mode for this config.
+
+    The step is the one sample mode used: load_model's (config.eval.checkpoint_step, or the newest checkpoint
+    that reads back intact), so both agree after a fallback past a damaged checkpoint.
+    """
+    _, _, step = load_model(config, workdir)
     path = os.path.join(samples_dir(config, workdir, step), 'samples.npz')
     num_samples = int(config.sampling.num_samples)
     command = (f'`python -m ddpm_jax.main --mode=sample --workdir={workdir}` with the same --config and overrides '
@@ -598,6 +600,7 @@ def evaluate_fid(config, workdir: str) -> dict:
     from ddpm_jax import fid as fid_lib  # pylint: disable=g-import-not-at-top
     from ddpm_jax.models import inception  # pylint: disable=g-import-not-at-top
     samples, samples_path, step = _load_samples_for_fid(config, workdir)
+    logging.info('Scoring the samples of checkpoint step %d: %s', step, samples_path)
     weights_path = inception.find_inception_weights(config.eval.inception_weights or None)
     model, inception_params = inception.load_inception(weights_path)
     weights_sha256 = _file_sha256(weights_path)

@@ -3,14 +3,23 @@
 Config values can be overridden, e.g. `--config.training.batch_size=64`. On several hosts, pass
 --coordinator_address/--num_processes/--process_id, or --distributed to read the cluster
 environment (TPU pods, SLURM, ...); every host runs the same command.
+
+Errors caused by the input or the environment (ddpm_jax.errors.UserError) print one line and exit 1; the
+traceback goes to workdir/errors.log (and to the console with --verbose). Ctrl-C exits 130.
 """
+import datetime
 import logging as python_logging
+import os
+import sys
+import traceback
 from typing import Callable, Dict
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from ddpm_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
                                           lock_config=True)
@@ -20,13 +29,17 @@ _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Overrides config.data.data_di
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for multi-host runs.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes of a multi-host run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process in a multi-host run.')
+_RESTART = flags.DEFINE_bool('restart_from_scratch', False,
+                              'Train from step 0 in a workdir whose checkpoints are all unreadable or quarantined '
+                              '(refused without it). Has no effect while a readable checkpoint exists.')
+_VERBOSE = flags.DEFINE_bool('verbose', False, 'Print the traceback of errors caused by the input or environment.')
 _DISTRIBUTED = flags.DEFINE_bool('distributed', False,
                                  'Initialise jax.distributed from the cluster environment (TPU pod, SLURM, ...).')
 
 
 def _train(config, workdir: str) -> None:
     from ddpm_jax import train  # pylint: disable=g-import-not-at-top
-    train.train(config, workdir)
+    train.train(config, workdir, restart_from_scratch=_RESTART.value)
 
 
 def _evaluation_mode(name: str) -> Callable:
@@ -51,12 +64,44 @@ class _QuietLibraries(python_logging.Filter):
         return record.levelno >= python_logging.WARNING or '/orbax/' not in record.pathname
 
 
+def _ignore_event_loop_noise(default_hook: Callable) -> Callable:
+    """An unraisable-exception hook that drops "Event loop is closed" (tensorstore callbacks left over from a
+    failed checkpoint read or write, collected after asyncio closed their loop: noise that buries the cause)."""
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == 'Event loop is closed':
+            return
+        default_hook(unraisable)
+    return hook
+
+
+def _report_user_error(error: BaseException, workdir: str) -> None:
+    """Prints `error` as one line on stderr; the traceback goes to workdir/errors.log and, with --verbose, first
+    to stderr."""
+    where = ''
+    if workdir and os.path.isdir(workdir):
+        path = os.path.join(workdir, 'errors.log')
+        try:
+            with open(path, 'a', encoding='utf-8') as log:
+                log.write(f'--- {datetime.datetime.now().isoformat(timespec="seconds")}\n'
+                          + ''.join(traceback.format_exception(error)))
+            where = f'; traceback in {path}'
+        except OSError:
+            pass
+    if _VERBOSE.value:
+        traceback.print_exception(error, file=sys.stderr)
+    elif not where:
+        where = '; rerun with --verbose for the traceback'
+    message = ' '.join(str(error).split()) or type(error).__name__
+    print(f'Error: {message}{where}', file=sys.stderr, flush=True)
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     if _MODE.value not in MODES:
         raise app.UsageError(f'--mode={_MODE.value!r}; allowed: {sorted(MODES)}')
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    sys.unraisablehook = _ignore_event_loop_noise(sys.unraisablehook)
     if _COORDINATOR.value is not None or _NUM_PROCESSES.value is not None or _PROCESS_ID.value is not None \
             or _DISTRIBUTED.value:
         from ddpm_jax import parallel  # pylint: disable=g-import-not-at-top
@@ -65,8 +110,15 @@ def main(argv) -> None:
     if _DATA_DIR.value is not None:
         config.data.data_dir = _DATA_DIR.value
     from ddpm_jax import validation  # pylint: disable=g-import-not-at-top
-    validation.validate_config(config, _MODE.value)  # before anything is created on disk
-    MODES[_MODE.value](config, _WORKDIR.value)
+    try:
+        validation.validate_config(config, _MODE.value)  # before anything is created on disk
+        MODES[_MODE.value](config, _WORKDIR.value)
+    except UserError as error:
+        _report_user_error(error, _WORKDIR.value)
+        sys.exit(1)
+    except KeyboardInterrupt as error:
+        print(f'Interrupted: {error or "Ctrl-C"}.', file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 if __name__ == '__main__':

@@ -36,6 +36,8 @@ from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import image_grid
 from ddpm_jax import parallel
 from ddpm_jax import validation
+from ddpm_jax import workdir_lock
+from ddpm_jax.errors import UserError
 from ddpm_jax.models import unet
 
 _INIT_STREAM, _EXAMPLE_STREAM, _DROPOUT_STREAM, _SAMPLE_STREAM = 0, 1, 2, 3
@@ -231,10 +233,11 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
 
 
 class _StopRequest:
-    """When a preempted run saves and stops, at a step boundary that every host agrees on.
+    """When a preempted or interrupted run saves and stops, at a step boundary that every host agrees on.
 
-    Single host: SIGTERM sets a flag (this handler replaces the default one, which would kill the
-    process); the run stops after the dispatch in flight.
+    Single host: SIGTERM and SIGINT (Ctrl-C) set a flag (these handlers replace the default ones, which
+    would kill the process or raise KeyboardInterrupt anywhere, even inside a library callback that swallows
+    it); the run stops after the dispatch in flight. A second SIGINT raises KeyboardInterrupt at once (no save).
     Several hosts: `jax.distributed.initialize` installs JAX's preemption notifier, a C++ SIGTERM
     handler. A SIGTERM to any one host reaches all hosts through the coordination service; they agree
     on a sync step, one past the largest step any host has reported to `reached_preemption`, which
@@ -242,19 +245,24 @@ class _StopRequest:
     replace the notifier's, and no host would learn of the preemption.
     """
 
+    _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
     def __init__(self):
         self.requested = False
-        self._previous = None
-        self._installed = False
+        self.signal_name = None
+        self._previous = {}
 
     def __enter__(self):
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-            self._installed = True
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self._SIGNALS}
         return self
 
     def _handle(self, signum, frame):  # pylint: disable=unused-argument
-        logging.warning('SIGTERM received: saving a checkpoint and stopping.')
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt('second SIGINT: stopped without saving')
+        self.signal_name = signal.Signals(signum).name
+        logging.warning('%s received: saving a checkpoint and stopping%s.', self.signal_name,
+                        ' (press Ctrl-C again to stop without saving)' if signum == signal.SIGINT else '')
         self.requested = True
 
     def should_stop(self, manager, steps: range) -> bool:
@@ -267,8 +275,8 @@ class _StopRequest:
         return self.requested
 
     def __exit__(self, *exc):
-        if self._installed:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 class _MetricLog:
@@ -309,31 +317,90 @@ def _format_duration(seconds: float) -> str:
     return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+class SaveFailedError(UserError):
+    """A checkpoint save that failed (disk full, permissions): training stops, the previous checkpoint stays."""
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, restart_from_scratch: bool = False) -> TrainState:
     """Trains (or resumes) the run in `workdir` up to config.training.num_train_steps.
 
     Writes workdir/checkpoints (orbax), workdir/tensorboard (scalars loss, grad_norm, lr),
-    workdir/samples/step_XXXXXXX.png (EMA sample grids). Returns the final state.
+    workdir/samples/step_XXXXXXX.png (EMA sample grids). Returns the final state. Process 0 holds the
+    workdir's lock (workdir_lock) throughout. A workdir that has held checkpoints but has none readable left
+    is refused unless `restart_from_scratch` (see `_restore_or_start`).
+    Raises KeyboardInterrupt after saving when SIGINT stopped the run (single host).
     """
     mesh = parallel.make_mesh()
     validate_config(config, mesh)
     is_primary = jax.process_index() == 0
     source = data_lib.load_source(config, config.data.train_split)  # a missing dataset or bad image fails here
     os.makedirs(workdir, exist_ok=True)
-    manager = checkpoint.make_manager(workdir, config)
+    with workdir_lock.writer_lock(workdir):
+        manager = checkpoint.make_manager(workdir, config)
+        try:
+            state = _restore_or_start(config, workdir, mesh, manager, restart_from_scratch)
+            step = int(parallel.to_host(state.step))
+            batches = data_lib.train_batches(config, start_step=step, source=source)
+            state = _train_loop(config, workdir, mesh, manager, state, step, batches, is_primary)
+        except BaseException as error:
+            try:  # waits for a save in flight; its own failure, if any, was reported or is secondary to this one
+                manager.close()
+            except Exception as close_error:  # pylint: disable=broad-except
+                logging.warning('Closing the checkpoint manager failed too: %s',
+                                checkpoint.summarize_error(close_error))
+            if isinstance(error, SaveFailedError):  # only now: orbax's threads write into it until the close
+                for path in checkpoint.remove_unfinished_saves(workdir):
+                    logging.warning('Removed the unfinished save %s', path)
+            raise
+        manager.close()
+        return state
+
+
+def _restore_or_start(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh, manager,
+                      restart_from_scratch: bool) -> TrainState:
+    """The state of the newest good checkpoint, or the step-0 state in a workdir that has never held one.
+
+    A workdir whose checkpoints are all gone or quarantined (checkpoint.checkpoint_history) is refused with a
+    UserError naming what was found: starting over would silently discard the run. `restart_from_scratch`
+    starts from step 0 there instead; where a readable checkpoint exists it resumes as usual (so a job that is
+    restarted with the flag still on keeps its new progress).
+    """
     try:
         state = checkpoint.restore_state(workdir, manager, create_train_state(config, mesh, abstract=True), config)
-        if state is None:
-            state = create_train_state(config, mesh)
-            logging.info('Starting a new run in %s', workdir)
+    except checkpoint.CorruptCheckpointError:
+        if not restart_from_scratch:
+            raise
+        state = None  # every checkpoint is now in checkpoints_corrupt
+    if state is not None:
         step = int(parallel.to_host(state.step))
-        if step:
-            logging.info('Resumed from the checkpoint of step %d in %s', step, checkpoint.checkpoint_dir(workdir))
-        batches = data_lib.train_batches(config, start_step=step, source=source)
-        return _train_loop(config, workdir, mesh, manager, state, step, batches, is_primary)
-    finally:
-        manager.wait_until_finished()
-        manager.close()
+        logging.info('Resumed from the checkpoint of step %d in %s', step, checkpoint.checkpoint_dir(workdir))
+        if restart_from_scratch:
+            logging.warning('--restart_from_scratch has no effect: %s holds the readable checkpoint of step %d, so '
+                            'the run resumes from it.', workdir, step)
+        return state
+    history = checkpoint.checkpoint_history(workdir)
+    if history and not restart_from_scratch:
+        shown = ', '.join(history[:4]) + (f' and {len(history) - 4} more' if len(history) > 4 else '')
+        raise UserError(f'{workdir} has held checkpoints but none is readable now (found {shown}); refusing to '
+                        'start over from step 0, which would discard the run. Restore them, train in a fresh '
+                        '--workdir, or pass --restart_from_scratch to train from step 0 in this workdir.')
+    if history:
+        logging.warning('--restart_from_scratch: starting from step 0 in %s, which held checkpoints (kept in %s).',
+                        workdir, os.path.join(workdir, 'checkpoints_corrupt'))
+    else:
+        logging.info('Starting a new run in %s', workdir)
+    return create_train_state(config, mesh)
+
+
+def _save_failed(error: BaseException, step: int, workdir: str) -> SaveFailedError:
+    """The one-line SaveFailedError for a failed save of `step` (train() removes the unfinished directory)."""
+    os_error = next((link for link in checkpoint.error_chain(error)
+                     if isinstance(link, OSError) and link.errno), None)
+    cause = os.strerror(os_error.errno) if os_error is not None else checkpoint.summarize_error(error)
+    return SaveFailedError(
+        f'{cause} while saving step {step} to {checkpoint.checkpoint_dir(workdir)}: training stopped and the '
+        'unfinished save is removed; the last complete checkpoint is kept. Free space or fix the permissions, then '
+        'rerun the same command to resume from it.')
 
 
 def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh, manager, state: TrainState,
@@ -350,11 +417,30 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
     metric_log = _MetricLog()
     log_time, log_step = time.time(), step
 
+    saving = None  # the step of the last save started and not yet known to have completed
+
+    def check_saves(block: bool) -> None:
+        """Raises SaveFailedError when the last save failed; waits for it to complete when `block`."""
+        nonlocal saving
+        if saving is None or (not block and manager.is_saving_in_progress()):
+            return
+        try:
+            manager.wait_until_finished()
+        except Exception as error:  # pylint: disable=broad-except
+            raise _save_failed(error, saving, workdir) from error
+        saving = None
+
     def save() -> None:
+        nonlocal saving
         values = metric_log.drain()  # raises before saving a state that followed a NaN
         if values is not None:
             _write_scalars(writer, values)
-        checkpoint.save_state(manager, state, config)
+        check_saves(block=True)  # orbax waits for the previous save anyway
+        saving = step
+        try:
+            checkpoint.save_state(manager, state, config)
+        except Exception as error:  # pylint: disable=broad-except
+            raise _save_failed(error, step, workdir) from error
 
     def write_samples() -> None:
         nonlocal grid_sampler, log_time
@@ -385,6 +471,7 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
                 state, metrics = train_step(state, parallel.shard_batch(local, mesh, batch_axis=1))
                 metric_log.add(step, metrics)
                 step += count
+                check_saves(block=False)  # a failed save stops the run now, not at the next save
 
                 if step % training.log_every_steps == 0 or step == num_steps:
                     values = metric_log.drain()
@@ -402,10 +489,14 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
                 if step % training.checkpoint_every_steps == 0 or step == num_steps or stopping:
                     save()
                 if stopping:
+                    check_saves(block=True)
                     logging.warning('Stopped at step %d after saving; rerun the same command to resume.', step)
+                    if stop.signal_name == 'SIGINT':
+                        raise KeyboardInterrupt(f'stopped by SIGINT at step {step}, after saving it')
                     return state
                 if step % training.sample_every_steps == 0 or step == num_steps:
                     write_samples()
+            check_saves(block=True)
             return state
     finally:
         if writer is not None:

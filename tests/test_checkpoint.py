@@ -1,4 +1,5 @@
 """Tests of ddpm_jax.checkpoint: round trips, retention, corruption, atomicity, compatibility."""
+import errno
 import glob
 import json
 import os
@@ -114,6 +115,7 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, config, mesh, damage, c
     assert int(restored.step) == 1
     _assert_state_equal(restored, _state_at(config, mesh, 1))
     assert 'corrupt' in caplog.text
+    assert 'tensorstore_spec' not in caplog.text  # TensorStore's JSON specs (kilobytes each) are summarised away
     assert os.path.isdir(os.path.join(workdir, 'checkpoints_corrupt', '2'))
     assert checkpoint.latest_step(workdir) == 1
 
@@ -124,6 +126,76 @@ def test_all_checkpoints_corrupt_is_a_clear_error(tmp_path, config, mesh):
     _corrupt_latest_array_data(workdir, 1)
     with pytest.raises(checkpoint.CorruptCheckpointError, match='no readable checkpoint'):
         _restore(workdir, config, mesh)
+
+
+def _failing_restores(monkeypatch, failures, error):
+    """Makes the next `failures` manager.restore calls raise `error` (then restores work again); returns the
+    list of steps each failed call asked for."""
+    real_restore = checkpoint._CheckpointManager.restore
+    failed = []
+
+    def restore(self, step, *args, **kwargs):
+        if len(failed) < failures:
+            failed.append(step)
+            raise error(step)
+        return real_restore(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint._CheckpointManager, 'restore', restore)
+    monkeypatch.setattr(checkpoint, 'RETRY_WAITS_S', (0.0, 0.0))
+    return failed
+
+
+def _eio(step):
+    return OSError(errno.EIO, os.strerror(errno.EIO), f'checkpoints/{step}')
+
+
+def test_transient_read_error_is_retried_and_never_quarantines(tmp_path, config, mesh, monkeypatch):
+    workdir = str(tmp_path)
+    _save_steps(workdir, config, mesh, [1, 2])
+    # One EIO, then success: step 2 restores (before: quarantined as corrupt, and step 1 was used).
+    failed = _failing_restores(monkeypatch, 1, _eio)
+    restored = _restore(workdir, config, mesh)
+    assert failed == [2] and int(restored.step) == 2
+    _assert_state_equal(restored, _state_at(config, mesh, 2))
+    # EIO on every try (the first read and the two retries): a clear error, the checkpoint stays in place.
+    monkeypatch.undo()
+    failed = _failing_restores(monkeypatch, 100, _eio)
+    with pytest.raises(checkpoint.CheckpointIOError,
+                       match='step 2 .* failed 3 times .*Input/output error.*left in place'):
+        _restore(workdir, config, mesh)
+    assert failed == [2, 2, 2]
+    assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['1', '2']
+    assert not os.path.exists(os.path.join(workdir, 'checkpoints_corrupt'))
+
+
+def test_is_transient_tells_io_trouble_from_damage():
+    assert checkpoint.is_transient(_eio(1)) and checkpoint.is_transient(TimeoutError('read timed out'))
+    assert checkpoint.is_transient(PermissionError(errno.EACCES, 'Permission denied'))
+    assert checkpoint.is_transient(ValueError('UNAVAILABLE: Error reading local file: Input/output error'))
+    assert not checkpoint.is_transient(FileNotFoundError(errno.ENOENT, 'No such file or directory'))
+    assert not checkpoint.is_transient(ValueError('OUT_OF_RANGE: Requested byte range [0, 2145) is not valid'))
+    wrapped = ValueError('restore failed')
+    wrapped.__cause__ = _eio(1)
+    assert checkpoint.is_transient(wrapped)
+
+
+def test_checkpoint_deleted_while_an_evaluation_reads_it_is_skipped(tmp_path, config, mesh, monkeypatch, caplog):
+    """Retention of a trainer running beside an evaluation mode deletes the step it is reading: the reader
+    falls back to the next newest checkpoint with a warning, and quarantines nothing."""
+    workdir = str(tmp_path)
+    _save_steps(workdir, config, mesh, [1, 2])
+
+    def deleted(step):
+        shutil.rmtree(os.path.join(workdir, 'checkpoints', str(step)))
+        return FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), f'checkpoints/{step}/meta')
+
+    _failing_restores(monkeypatch, 1, deleted)
+    params, step = checkpoint.restore_ema_params(workdir, config)
+    assert step == 1
+    for a, b in zip(_leaves(params), _leaves(_state_at(config, mesh, 1).ema_params)):
+        np.testing.assert_array_equal(a, b)
+    assert 'deleted while being read' in caplog.text
+    assert not os.path.exists(os.path.join(workdir, 'checkpoints_corrupt'))
 
 
 def test_interrupted_save_never_replaces_the_last_good_one(tmp_path, config, mesh):

@@ -341,6 +341,20 @@ def test_fid_mode_matches_direct_computation_and_caches_references(run, inceptio
         evaluate.MODES['fid'](config, workdir)
 
 
+def test_fid_looks_for_the_samples_of_the_step_sample_mode_uses(run, tmp_path, caplog):
+    """After a fallback past a damaged newest checkpoint, fid asks for the samples of the readable step (the one
+    sample mode writes), not of the damaged one (which sent the user back to --mode=sample in a loop)."""
+    config, workdir, _ = run
+    other = _copy_checkpoints(workdir, tmp_path)
+    shutil.copytree(os.path.join(other, 'checkpoints', '7'), os.path.join(other, 'checkpoints', '9'))
+    with open(os.path.join(other, 'checkpoints', '9', 'meta', 'metadata'), 'w') as f:
+        f.write('{"kind": "params_only", "conf')
+    assert evaluate.load_model(config, other)[2] == 7
+    with pytest.raises(FileNotFoundError, match='samples_step7_.*does not exist: run .*--mode=sample'):
+        evaluate.evaluate_fid(config, other)
+    assert 'step 9' in caplog.text and 'corrupt' in caplog.text
+
+
 def test_fid_mode_without_weights_names_the_pip_command(run, monkeypatch):
     config, workdir, _ = run
     evaluate.sample(config, workdir)

@@ -1,7 +1,10 @@
 """End-to-end tests of the CLI: `python -m ddpm_jax.main` on the digits config with 4 fake CPU devices."""
 import os
 import re
+import signal
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -17,11 +20,17 @@ _TINY = ['--config.model.ch=32', '--config.model.ch_mult=(1,)', '--config.model.
          '--config.optim.warmup_steps=5', '--config.optim.lr=2e-3']
 
 
-def _run_cli(workdir, *flags, num_devices=4):
+def _cli_command(workdir, *flags, num_devices=4):
+    """(argv, env) of `python -m ddpm_jax.main` on the tiny digits config."""
     env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={num_devices}',
                PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get('PYTHONPATH', '')]))
-    return subprocess_helpers.run([sys.executable, '-m', 'ddpm_jax.main', '--config=configs/digits.py',
-                                   f'--workdir={workdir}', *_TINY, *flags], cwd=REPO_ROOT, env=env)
+    return [sys.executable, '-m', 'ddpm_jax.main', '--config=configs/digits.py', f'--workdir={workdir}', *_TINY,
+            *flags], env
+
+
+def _run_cli(workdir, *flags, num_devices=4):
+    command, env = _cli_command(workdir, *flags, num_devices=num_devices)
+    return subprocess_helpers.run(command, cwd=REPO_ROOT, env=env)
 
 
 def test_digits_trains_end_to_end_on_four_devices(tmp_path):
@@ -75,3 +84,44 @@ def test_cli_refuses_bad_config_values_before_creating_anything(tmp_path, mode, 
     result = _run_cli(workdir, f'--mode={mode}', *flags, num_devices=1)
     assert result.returncode != 0 and expected in result.stderr, result.stderr[-4000:]
     assert not workdir.exists()
+
+
+def test_user_errors_print_one_line_and_log_the_traceback(tmp_path):
+    """A workdir that only holds quarantined checkpoints: the refusal is one line naming --restart_from_scratch
+    (no traceback on the console; it goes to workdir/errors.log), exit code 1; --verbose shows the traceback."""
+    workdir = tmp_path / 'run'
+    (workdir / 'checkpoints_corrupt' / '40').mkdir(parents=True)
+    result = _run_cli(workdir, '--config.training.num_train_steps=2', num_devices=1)
+    assert result.returncode == 1, result.stderr[-4000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f'Error: {workdir} has held checkpoints but none is readable now'), result.stderr[-4000:]
+    assert '--restart_from_scratch' in last and f'traceback in {workdir / "errors.log"}' in last
+    assert 'Traceback' not in result.stderr
+    assert 'Traceback' in (workdir / 'errors.log').read_text()
+    verbose = _run_cli(workdir, '--config.training.num_train_steps=2', '--verbose', num_devices=1)
+    assert verbose.returncode == 1 and 'Traceback' in verbose.stderr
+
+
+def test_sigint_saves_and_exits_130(tmp_path):
+    """Ctrl-C (SIGINT) during training saves a checkpoint and exits 130, not 0 (it was once swallowed and the
+    run went on to the end)."""
+    workdir, log_path = tmp_path / 'run', tmp_path / 'stderr.log'
+    command, env = _cli_command(workdir, '--config.training.num_train_steps=100000',
+                                '--config.training.log_every_steps=5', num_devices=1)
+    with open(log_path, 'w') as log:
+        proc = subprocess_helpers.start(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 600
+        while 'step 5/100000' not in log_path.read_text():
+            assert proc.poll() is None, log_path.read_text()[-4000:]
+            assert time.monotonic() < deadline, 'training did not start within 600 s'
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=600) == 130, log_path.read_text()[-4000:]
+    finally:
+        subprocess_helpers.kill_group(proc)
+    text = log_path.read_text()
+    assert 'SIGINT received: saving a checkpoint and stopping' in text
+    assert text.strip().splitlines()[-1].startswith('Interrupted: stopped by SIGINT at step')
+    steps = [int(name) for name in os.listdir(workdir / 'checkpoints')]
+    assert len(steps) == 1 and 5 <= steps[0] < 100000

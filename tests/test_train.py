@@ -1,6 +1,8 @@
 """Tests of ddpm_jax.train: optimiser and EMA semantics, exact resume, device/host invariance, errors."""
+import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,7 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import multihost_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
 import subprocess_helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from ddpm_jax import checkpoint, data, parallel, train  # pylint: disable=wrong-import-position
+from ddpm_jax import checkpoint, data, parallel, train, workdir_lock  # pylint: disable=wrong-import-position
+from ddpm_jax.errors import UserError  # pylint: disable=wrong-import-position
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'multihost_worker.py')
 
@@ -129,6 +132,76 @@ def test_sigterm_saves_and_stops_cleanly(tmp_path, monkeypatch):
     assert int(state.step) == 4  # the step in flight finishes, then the state is saved
     assert checkpoint.latest_step(str(tmp_path)) == 4
     assert signal.getsignal(signal.SIGTERM) is handler_before
+
+
+def test_workdir_whose_checkpoints_were_all_quarantined_is_not_restarted_silently(tmp_path):
+    """A rerun after every checkpoint went to checkpoints_corrupt refuses to start from step 0 (it did, silently,
+    before) and names --restart_from_scratch; with the flag it trains from step 0, and once a readable
+    checkpoint exists again the flag resumes instead of discarding it."""
+    workdir = str(tmp_path)
+    config = multihost_worker.tiny_config()
+    train.train(config, workdir)
+    os.makedirs(os.path.join(workdir, 'checkpoints_corrupt'))
+    os.rename(os.path.join(workdir, 'checkpoints', '2'), os.path.join(workdir, 'checkpoints_corrupt', '2'))
+    with pytest.raises(UserError, match=r'has held checkpoints but none is readable now \(found .*checkpoints_corrupt/2'
+                                        r'.*--restart_from_scratch'):
+        train.train(config, workdir)
+    assert checkpoint.latest_step(workdir) is None
+    state = train.train(config, workdir, restart_from_scratch=True)
+    assert int(state.step) == 2 and checkpoint.latest_step(workdir) == 2
+    resumed = train.train(multihost_worker.tiny_config(**{'training.num_train_steps': 3}), workdir,
+                          restart_from_scratch=True)
+    assert int(resumed.step) == 3
+
+
+def test_second_trainer_exits_at_once_and_a_stale_lock_is_taken_over(tmp_path, caplog):
+    """A live holder of the workdir lock (another process) makes train() fail at once, naming its pid and host;
+    after that holder is SIGKILLed, train() takes the lock over with a warning naming the dead holder."""
+    workdir = str(tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, '-c', 'import sys, time\nfrom ddpm_jax import workdir_lock\n'
+         'lock = workdir_lock._hold(sys.argv[1])\nlock.__enter__()\nprint("locked", flush=True)\ntime.sleep(600)', workdir],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'locked'
+        started = time.monotonic()
+        with pytest.raises(workdir_lock.WorkdirLockedError,
+                           match=rf'in use by another training run \(pid {holder.pid} on host {socket.gethostname()}'):
+            train.train(multihost_worker.tiny_config(), workdir)
+        assert time.monotonic() - started < 60  # at once: no training step, no waiting for the lock
+        assert not os.path.exists(checkpoint.checkpoint_dir(workdir))
+    finally:
+        holder.kill()
+        holder.wait()
+    state = train.train(multihost_worker.tiny_config(), workdir)
+    assert int(state.step) == 2
+    assert 'Taking over the stale lock' in caplog.text and f'pid {holder.pid} on host' in caplog.text
+    # Released at the end: the file is emptied, so the next run sees no stale holder.
+    assert open(os.path.join(workdir, workdir_lock.LOCK_FILE)).read() == ''
+
+
+def test_failed_save_stops_training_in_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A full disk during the save of step 4 (injected ENOSPC in orbax's asynchronous write): training stops
+    with the cause, the unfinished directory is removed, and step 2 stays restorable."""
+    from orbax.checkpoint._src.handlers import json_checkpoint_handler  # pylint: disable=g-import-not-at-top
+    real_save = json_checkpoint_handler.JsonCheckpointHandler._save_fn
+
+    async def full_disk(self, item, directory):
+        if item.get('step') == 4:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+        return await real_save(self, item, directory)
+
+    monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, '_save_fn', full_disk)
+    workdir = str(tmp_path)
+    config = multihost_worker.tiny_config(**{'training.num_train_steps': 12, 'training.checkpoint_every_steps': 2})
+    with pytest.raises(train.SaveFailedError) as raised:
+        train.train(config, workdir)
+    message = str(raised.value)
+    assert message.startswith(f'No space left on device while saving step 4 to {checkpoint.checkpoint_dir(workdir)}')
+    assert '\n' not in message and 'rerun the same command' in message
+    assert os.listdir(checkpoint.checkpoint_dir(workdir)) == ['2']  # no unfinished directory, nothing after it
+    params, step = checkpoint.restore_ema_params(workdir, config)
+    assert step == 2
 
 
 def test_bad_configs_give_clear_errors(tmp_path):
