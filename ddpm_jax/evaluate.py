@@ -429,9 +429,9 @@ def run_ode_nll(config, workdir: str, *, max_batches: int | None = None) -> tupl
     results = load_nll_results(out_dir)
     bpd = results['ode_bpd'].astype(np.float64)
     n = bpd.shape[0]
-    summary = dict(likelihood='ode', split=split, step=step, num_images=int(n), nll_bpd=float(bpd.mean()),
+    summary = dict(settings, likelihood='ode', num_images=int(n), nll_bpd=float(bpd.mean()),
                    nll_bpd_stderr=float(bpd.std(ddof=1) / np.sqrt(n)) if n > 1 else float('nan'),
-                   nfe_mean=float(results['nfe'].astype(np.float64).mean()), **settings)
+                   nfe_mean=float(results['nfe'].astype(np.float64).mean()))
     if jax.process_index() == 0:
         _write_json(os.path.join(out_dir, 'nll_ode.json'), summary)
     return summary, out_dir

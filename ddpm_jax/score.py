@@ -32,15 +32,16 @@ images [B, H, W, C], loops take `model_fn(x, t)`).
   takes the noise-free t=0 step of the ancestral sampler (the x_0 prediction, clipped if asked), as
   score_sde's `denoise=True`. Likelihoods integrate from LIKELIHOOD_EPS = 1e-5 (score_sde) to 1.
 * ODE likelihood (instantaneous change of variables, Chen et al. 2018; Song et al. 2021 App. D.2):
-  log p_0(x(eps)) = log N(x(1); 0, I) + int_eps^1 div f(x(t), t) dt, the divergence exact (D JVPs) or by
+  log p_0(x(eps)) = log N(x(1); 0, I) + int_eps^1 div f(x(t), t) dt, the divergence exact (D VJPs) or by
   Hutchinson's estimator E[v^T (df/dx) v] with Rademacher or Gaussian v, fixed along the solve, averaged
   over num_probes probes. Bits/dim of 8-bit data follow score_sde (run_lib.py, likelihood.py): uniform
   dequantisation x = 2 (k + u) / 256 - 1 with k the pixel value and u ~ U[0, 1), then
   bpd = -log p(x) / (D ln 2) + 7, the 7 = 8 + log2(1/2) being the log-Jacobian of [0, 256) -> [-1, 1].
 
 NFE (network evaluations): the adaptive solver is diffrax's Dopri5 (Dormand-Prince 5(4), 7 stages with
-first-same-as-last): 1 + 6 per attempted step; Heun: 2 per step; with the exact divergence one network
-JVP per dimension counts D evaluations (and each Hutchinson probe one) per vector-field call.
+first-same-as-last): 1 + 6 per attempted step; Heun: 2 per step. In the likelihood each vector-field call
+counts one network evaluation per Hutchinson probe (a vector-Jacobian product each) or D for the exact
+divergence.
 """
 from __future__ import annotations
 
@@ -329,17 +330,19 @@ def ode_sample(d, model_fn, shape, rng, *, solver='adaptive', rtol=1e-5, atol=1e
 def _divergence_fn(drift, divergence, probes):
     """(x, t) -> (drift [B, ...], divergence estimate [B]) of drift(x, t) w.r.t. x, per example.
 
-    probes: [P, B, ...] Hutchinson probes (ignored for 'exact': one JVP per dimension, in one vmap)."""
+    Vector-Jacobian products (reverse mode: the U-Net's attention has a custom VJP, so forward mode is not
+    available): v^T (df/dx) v per probe. probes: [P, B, ...] Hutchinson probes; for 'exact' the D basis vectors
+    (the same one for every example: the examples do not interact) give the trace. One vmap over the vectors."""
     def fn(x, t):
-        f = lambda y: drift(y, t)
+        value, vjp_fn = jax.vjp(lambda y: drift(y, t), x)
         if divergence == 'exact':
             dims = math.prod(x.shape[1:])
-            basis = jnp.eye(dims, dtype=x.dtype).reshape((dims, 1) + x.shape[1:])
-            value, jvps = jax.vmap(lambda v: jax.jvp(f, (x,), (jnp.broadcast_to(v, x.shape),)),
-                                   out_axes=(None, 0))(basis)
-            return value, jnp.sum(basis * jvps, axis=tuple(range(2, jvps.ndim))).sum(axis=0)
-        value, jvps = jax.vmap(lambda v: jax.jvp(f, (x,), (v,)), out_axes=(None, 0))(probes)
-        return value, jnp.mean(jnp.sum(probes * jvps, axis=tuple(range(2, jvps.ndim))), axis=0)
+            vectors = jnp.broadcast_to(jnp.eye(dims, dtype=x.dtype).reshape((dims, 1) + x.shape[1:]),
+                                       (dims,) + x.shape)
+        else:
+            vectors = probes
+        products = jnp.sum(vectors * jax.vmap(lambda v: vjp_fn(v)[0])(vectors), axis=tuple(range(2, vectors.ndim)))
+        return value, (jnp.sum(products, axis=0) if divergence == 'exact' else jnp.mean(products, axis=0))
 
     return fn
 
@@ -358,7 +361,7 @@ def ode_log_likelihood(d, model_fn, x, rng, *, divergence='hutchinson_rademacher
     x: [B, H, W, C] (continuous, model range); rng: the Hutchinson probes (fixed along the solve).
     Integrates [x, 0] from t = eps to 1 with d(logp)/dt = div f; log p(x) = log N(x(1); 0, I) + delta.
     Returns dict(logp [B], prior_logp [B], delta_logp [B], z [B, H, W, C] = x(1), nfe int32: network
-    evaluations, a JVP counted as one, i.e. vector-field calls times (D or num_probes)).
+    evaluations, a vector-Jacobian product counted as one, i.e. vector-field calls times (D or num_probes)).
     """
     _check_choice('divergence', divergence, DIVERGENCES)
     if divergence != 'exact' and (int(num_probes) != num_probes or num_probes < 1):

@@ -7,7 +7,12 @@ They are written here in float64 numpy/jnp from these formulas only, at float la
 between the integer labels, the continuous-time convention of the probability-flow ODE).
 """
 import functools
+import glob
+import json
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +20,8 @@ import numpy as np
 import pytest
 
 from ddpm_jax import diffusion, samplers, score
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 M, S = 0.1, 0.3
 T = 1000
@@ -358,3 +365,79 @@ def test_ddpm_reverse_mean_is_a_langevin_step_up_to_beta_squared():
     assert all(3.9 < r < 4.1 for r in drift_ratios)      # second order
     assert all(1.9 < r < 2.1 for r in plain_ratios)      # first order
     assert drift_errors[0] < 1e-3
+
+
+# ----------------------------------------------------------------------------------------------- CLI paths
+
+def _tiny_digits_config():
+    """configs/digits.py with a 1-level U-Net (ch 32) and T = 20: the settings of the CLI flags below."""
+    from ddpm_jax import config_files
+    config = config_files.load_config_file(os.path.join(REPO_ROOT, 'configs', 'digits.py'))
+    config.model.ch, config.model.ch_mult, config.model.num_res_blocks = 32, (1,), 1
+    config.diffusion.num_diffusion_timesteps = 20
+    config.sampling.num_samples = config.sampling.batch_size = 4
+    return config
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+    """(config, workdir with a params-only checkpoint of random params at step 3)."""
+    from ddpm_jax import checkpoint
+    from test_evaluate import _random_params
+    config = _tiny_digits_config()
+    workdir = str(tmp_path_factory.mktemp('score_cli'))
+    checkpoint.save_params_only(workdir, _random_params(config), config, 3)
+    return config, workdir
+
+
+@pytest.mark.parametrize('sampler,want_nfe', [('pc', 20 * 2), ('langevin', 20 + 1), ('ode', None)])
+def test_sample_mode_runs_the_score_samplers_with_tagged_folders_and_nfe(tiny_run, sampler, want_nfe):
+    from ddpm_jax import evaluate
+    config, workdir = tiny_run
+    config = config.copy_and_resolve_references()
+    config.sampling.sampler, config.sampling.ode_rtol, config.sampling.ode_atol = sampler, 1e-3, 1e-3
+    result = evaluate.sample(config, workdir)
+    out_dir = os.path.dirname(result['path'])
+    want_tag = {'pc': 'pc20_snr0.16_corr1', 'langevin': 'langevin20_snr0.16_corr1',
+                'ode': 'ode_adaptive_rtol0.001_atol0.001'}[sampler]
+    assert result['complete'] and os.path.basename(out_dir) == f'samples_step3_{want_tag}_seed0'
+    samples = np.load(result['path'])['samples']
+    assert samples.shape == (4, 8, 8, 1) and samples.dtype == np.uint8 and samples.std() > 0
+    with open(os.path.join(out_dir, 'metadata.json')) as f:
+        metadata = json.load(f)
+    with open(os.path.join(out_dir, 'settings.json')) as f:
+        assert json.load(f)['snr'] == 0.16
+    if want_nfe is None:   # adaptive: 1 + 6 per attempted step, plus the last (t = 0) network call
+        assert (metadata['nfe_per_batch'][0] - 2) % score.DOPRI5_EVALS_PER_STEP == 0
+    else:
+        assert metadata['nfe_per_batch'] == [want_nfe]
+    # Other Langevin / ODE settings go to another folder.
+    config.sampling.snr, config.sampling.ode_rtol = 0.2, 1e-4
+    assert evaluate.samples_dir(config, workdir, 3) != out_dir
+
+
+def test_cli_eval_ode_likelihood_end_to_end_and_resume(tiny_run):
+    config, workdir = tiny_run
+    flags = ['--mode=eval', '--config.eval.likelihood=ode', '--config.eval.num_images=6', '--config.eval.batch_size=4',
+             '--config.sampling.ode_rtol=1e-3', '--config.sampling.ode_atol=1e-3', '--config.model.ch=32',
+             '--config.model.ch_mult=(1,)', '--config.model.num_res_blocks=1',
+             '--config.diffusion.num_diffusion_timesteps=20']
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+               PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get('PYTHONPATH', '')]))
+    command = [sys.executable, '-m', 'ddpm_jax.main', '--config=configs/digits.py', f'--workdir={workdir}', *flags]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    [out_dir] = glob.glob(os.path.join(
+        workdir, 'nll_ode_test_step3_hutchinson_rademacher1_adaptive_rtol0.001_atol0.001_seed0'))
+    with open(os.path.join(out_dir, 'nll_ode.json')) as f:
+        summary = json.load(f)
+    assert summary['num_images'] == 6 and summary['likelihood'] == 'ode'
+    assert np.isfinite(summary['nll_bpd']) and summary['nll_bpd'] > 0 and summary['nll_bpd_stderr'] > 0
+    assert summary['nfe_mean'] > 0 and sorted(os.listdir(out_dir))[:2] == ['batch_00000.npz', 'batch_00001.npz']
+    assert 'ODE NLL test' in result.stderr
+    # Rerun: every batch is there, nothing is recomputed, the same summary.
+    again = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0, again.stderr[-4000:]
+    with open(os.path.join(out_dir, 'nll_ode.json')) as f:
+        assert json.load(f) == summary
