@@ -441,3 +441,27 @@ def test_cli_eval_ode_likelihood_end_to_end_and_resume(tiny_run):
     assert again.returncode == 0, again.stderr[-4000:]
     with open(os.path.join(out_dir, 'nll_ode.json')) as f:
         assert json.load(f) == summary
+
+
+def test_pc_without_corrector_is_the_ancestral_sampler_and_bad_settings_are_named():
+    d = _diffusion()
+    model_fn = lambda x, t: 0.3 * jnp.tanh(x) * (1.0 + t.astype(x.dtype)[:, None, None, None] / T)
+    rng = jax.random.key(7)
+    pc = score.pc_sample_loop(d, d, model_fn, (3,) + IMAGE, rng, n_corrector_steps=0)
+    ancestral = diffusion.p_sample_loop(d, model_fn, (3,) + IMAGE, rng)
+    np.testing.assert_array_equal(pc, ancestral)
+    with pytest.raises(ValueError, match='snr=0.0 must be > 0'):
+        score.pc_sample_loop(d, d, model_fn, (3,) + IMAGE, rng, snr=0.0)
+    with pytest.raises(ValueError, match="unknown divergence 'trace'"):
+        score.ode_log_likelihood(d, model_fn, jnp.zeros((1,) + IMAGE), rng, divergence='trace')
+    with pytest.raises(ValueError, match="unknown ode_solver 'rk4'"):
+        score.ode_sample(d, model_fn, (1,) + IMAGE, rng, solver='rk4')
+
+
+def test_eval_names_a_bad_likelihood_setting(tiny_run):
+    from ddpm_jax import evaluate
+    config, workdir = tiny_run
+    config = config.copy_and_resolve_references()
+    config.eval.likelihood = 'elbo'
+    with pytest.raises(ValueError, match="config.eval.likelihood='elbo'; allowed: 'bound'"):
+        evaluate.evaluate_nll(config, workdir)
