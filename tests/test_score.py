@@ -16,10 +16,11 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
-from ddpm_jax import diffusion, samplers, score
+from ddpm_jax import checkpoint, config_files, diffusion, evaluate, samplers, score
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -184,7 +185,6 @@ def _ancestral_moments(betas):
 
 
 def _sample(sampler, mean_type='eps', continuous=False, **overrides):
-    import ml_collections
     config = ml_collections.ConfigDict(dict(
         diffusion=dict(beta_schedule='linear', beta_start=1e-4, beta_end=0.02, num_diffusion_timesteps=T,
                        model_mean_type=mean_type, model_var_type='fixedlarge', loss_type='mse', hybrid_lambda=0.001),
@@ -192,7 +192,8 @@ def _sample(sampler, mean_type='eps', continuous=False, **overrides):
                       n_corrector_steps=1, ode_solver='adaptive', ode_rtol=1e-6, ode_atol=1e-6)))
     config.sampling.update(overrides)
     fn = samplers.make_sampler(config, return_nfe=True)
-    return jax.jit(lambda rng: fn(optimal_model(mean_type, continuous=continuous), (NUM_SAMPLES,) + SAMPLER_IMAGE, rng))(jax.random.key(1))
+    model_fn = optimal_model(mean_type, continuous=continuous)
+    return jax.jit(lambda rng: fn(model_fn, (NUM_SAMPLES,) + SAMPLER_IMAGE, rng))(jax.random.key(1))
 
 
 def test_ancestral_sampler_matches_the_exactly_propagated_moments_and_the_data():
@@ -296,8 +297,9 @@ def test_ode_heun_converges_at_second_order_with_the_stated_nfe():
         x1 = jax.random.normal(rng, (4,) + IMAGE, jnp.float64)
         want = a_last * (a_flow * x1 + b_flow) + b_last
         for num_steps in (40, 80):
-            x, nfe = jax.jit(lambda r, n=num_steps: score.ode_sample(
-                d, optimal_model('eps', continuous=True), (4,) + IMAGE, r, solver='heun', num_steps=n, clip_denoised=False))(rng)
+            model_fn = optimal_model('eps', continuous=True)
+            x, nfe = jax.jit(lambda r, n=num_steps, f=model_fn: score.ode_sample(
+                d, f, (4,) + IMAGE, r, solver='heun', num_steps=n, clip_denoised=False))(rng)
             assert int(nfe) == 2 * num_steps + 1
             errors.append(float(np.max(np.abs(x - want))))
     print('Heun errors at 40, 80 steps:', errors)
@@ -371,7 +373,6 @@ def test_ddpm_reverse_mean_is_a_langevin_step_up_to_beta_squared():
 
 def _tiny_digits_config():
     """configs/digits.py with a 1-level U-Net (ch 32) and T = 20: the settings of the CLI flags below."""
-    from ddpm_jax import config_files
     config = config_files.load_config_file(os.path.join(REPO_ROOT, 'configs', 'digits.py'))
     config.model.ch, config.model.ch_mult, config.model.num_res_blocks = 32, (1,), 1
     config.diffusion.num_diffusion_timesteps = 20
@@ -382,7 +383,6 @@ def _tiny_digits_config():
 @pytest.fixture(scope='module')
 def tiny_run(tmp_path_factory):
     """(config, workdir with a params-only checkpoint of random params at step 3)."""
-    from ddpm_jax import checkpoint
     from test_evaluate import _random_params
     config = _tiny_digits_config()
     workdir = str(tmp_path_factory.mktemp('score_cli'))
@@ -390,15 +390,15 @@ def tiny_run(tmp_path_factory):
     return config, workdir
 
 
-@pytest.mark.parametrize('sampler,want_nfe', [('pc', 20 * 2), ('langevin', 20 + 1), ('ode', None)])
-def test_sample_mode_runs_the_score_samplers_with_tagged_folders_and_nfe(tiny_run, sampler, want_nfe):
-    from ddpm_jax import evaluate
+@pytest.mark.parametrize('sampler,num_steps,want_nfe', [('pc', 10, 10 * 2), ('langevin', 0, 20 + 1), ('ode', 0, None)])
+def test_sample_mode_runs_the_score_samplers_with_tagged_folders_and_nfe(tiny_run, sampler, num_steps, want_nfe):
     config, workdir = tiny_run
     config = config.copy_and_resolve_references()
-    config.sampling.sampler, config.sampling.ode_rtol, config.sampling.ode_atol = sampler, 1e-3, 1e-3
+    config.sampling.sampler, config.sampling.num_steps = sampler, num_steps   # pc on 10 respaced steps of T = 20
+    config.sampling.ode_rtol, config.sampling.ode_atol = 1e-3, 1e-3
     result = evaluate.sample(config, workdir)
     out_dir = os.path.dirname(result['path'])
-    want_tag = {'pc': 'pc20_snr0.16_corr1', 'langevin': 'langevin20_snr0.16_corr1',
+    want_tag = {'pc': 'pc10_snr0.16_corr1', 'langevin': 'langevin20_snr0.16_corr1',
                 'ode': 'ode_adaptive_rtol0.001_atol0.001'}[sampler]
     assert result['complete'] and os.path.basename(out_dir) == f'samples_step3_{want_tag}_seed0'
     samples = np.load(result['path'])['samples']
@@ -417,7 +417,7 @@ def test_sample_mode_runs_the_score_samplers_with_tagged_folders_and_nfe(tiny_ru
 
 
 def test_cli_eval_ode_likelihood_end_to_end_and_resume(tiny_run):
-    config, workdir = tiny_run
+    _, workdir = tiny_run
     flags = ['--mode=eval', '--config.eval.likelihood=ode', '--config.eval.num_images=6', '--config.eval.batch_size=4',
              '--config.sampling.ode_rtol=1e-3', '--config.sampling.ode_atol=1e-3', '--config.model.ch=32',
              '--config.model.ch_mult=(1,)', '--config.model.num_res_blocks=1',
@@ -459,7 +459,6 @@ def test_pc_without_corrector_is_the_ancestral_sampler_and_bad_settings_are_name
 
 
 def test_eval_names_a_bad_likelihood_setting(tiny_run):
-    from ddpm_jax import evaluate
     config, workdir = tiny_run
     config = config.copy_and_resolve_references()
     config.eval.likelihood = 'elbo'
