@@ -75,15 +75,27 @@ def get_config() -> ml_collections.ConfigDict:
     sampling.clip_denoised = True
     sampling.num_samples = 50_000
     sampling.batch_size = 256           # global batch over all devices
-    sampling.sampler = 'ancestral'      # 'ancestral' (the paper's) | 'ddim'; later issues may add more
-    sampling.num_steps = 0              # 0 = all T steps; fewer respaces the timesteps
+    sampling.sampler = 'ancestral'      # 'ancestral' (the paper's) | 'ddim' | 'pc' | 'langevin' | 'ode'
+    sampling.num_steps = 0              # 0 = all T steps; fewer respaces the timesteps (Heun steps for 'ode')
     sampling.ddim_eta = 0.0
+    # The score view (ddpm_jax/score.py): Langevin steps of 'pc' / 'langevin' and the probability-flow ODE
+    # (also used by eval.likelihood='ode'). Defaults: Song et al. 2021 (snr 0.16, one corrector step, rtol =
+    # atol = 1e-5).
+    sampling.snr = 0.16                 # target signal-to-noise ratio of the Langevin step size
+    sampling.n_corrector_steps = 1      # Langevin steps per step ('pc') or per noise level ('langevin')
+    sampling.ode_solver = 'adaptive'    # 'adaptive' (diffrax Dopri5) | 'heun' (num_steps fixed steps)
+    sampling.ode_rtol = 1e-5
+    sampling.ode_atol = 1e-5
 
     evaluation = config.eval = ml_collections.ConfigDict()
     evaluation.batch_size = 256
     evaluation.num_images = 0           # 0 = the whole split
     evaluation.checkpoint_step = -1     # -1 = latest
     evaluation.split = ''               # '' = data.eval_split
+    evaluation.likelihood = 'bound'     # 'bound' (the paper's, nll.json) | 'ode' (probability-flow ODE, nll_ode.json)
+    # ODE divergence: 'hutchinson_rademacher' | 'hutchinson_gaussian' (num_probes JVPs) | 'exact' (D JVPs)
+    evaluation.divergence = 'hutchinson_rademacher'
+    evaluation.num_probes = 1           # Hutchinson probes per image
     # Paper figures (--mode=progressive, shared_xt, interpolate). Empty timestep lists mean
     # T/4-1, T/2-1, 3T/4-1, T-1.
     evaluation.progressive_freq = 0     # predicted x0 every this many steps; 0 = T // 10

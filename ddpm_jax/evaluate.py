@@ -38,6 +38,7 @@ from ddpm_jax import image_grid
 from ddpm_jax import likelihood
 from ddpm_jax import parallel
 from ddpm_jax import samplers
+from ddpm_jax import score
 
 # Stream ids folded into the seed key, so that sampling, evaluation and each experiment draw independent noise.
 SAMPLE_STREAM, NLL_STREAM, EXPERIMENT_STREAM = 1, 2, 3
@@ -171,26 +172,49 @@ def sampler_tag(config) -> str:
     tag = f'{sampling.sampler}{steps}'
     if sampling.sampler == 'ddim':
         tag += f'_eta{float(sampling.ddim_eta)}'
+    if sampling.sampler in ('pc', 'langevin'):
+        tag += f'_snr{float(sampling.snr)}_corr{int(sampling.n_corrector_steps)}'
+    if sampling.sampler == 'ode':
+        tag = 'ode_' + ode_tag(config)
     return tag
 
 
-def make_sample_batch_fn(config, apply_fn: Callable, mesh, *, quantize: bool = True) -> Callable:
+def ode_tag(config) -> str:
+    """Names the ODE solver settings: 'adaptive_rtol1e-05_atol1e-05' or 'heun100'."""
+    sampling = config.sampling
+    if sampling.ode_solver == 'heun':
+        return f'heun{sampling.num_steps or config.diffusion.num_diffusion_timesteps}'
+    return f'{sampling.ode_solver}_rtol{float(sampling.ode_rtol):g}_atol{float(sampling.ode_atol):g}'
+
+
+def _score_settings(config) -> dict:
+    """The config.sampling values of the score samplers and the ODE (part of the sample and ODE-NLL settings)."""
+    sampling = config.sampling
+    return dict(snr=float(sampling.snr), n_corrector_steps=int(sampling.n_corrector_steps),
+                ode_solver=str(sampling.ode_solver), ode_rtol=float(sampling.ode_rtol),
+                ode_atol=float(sampling.ode_atol))
+
+
+def make_sample_batch_fn(config, apply_fn: Callable, mesh, *, quantize: bool = True,
+                         with_nfe: bool = False) -> Callable:
     """The jitted sampler of sample mode: (params, rng) -> one global batch [B, H, W, C], split over the mesh.
 
     B = config.sampling.batch_size (a multiple of the mesh size); the sampler is samplers.make_sampler(config)
     and every network call sees its input batch constrained to the mesh's data sharding.
     quantize: True returns uint8 (image_grid.to_uint8, on device; what sample mode stores), False the float32
-    x_0 in [-1, 1] (e.g. to check it for non-finite values).
+    x_0 in [-1, 1] (e.g. to check it for non-finite values). with_nfe: return (batch, NFE int32 scalar), the
+    network evaluations of the sampler (data-dependent for the adaptive ODE solver).
     """
     batch_size = int(config.sampling.batch_size)
     parallel.check_global_batch(batch_size, mesh)
     sharding = parallel.data_sharding(mesh)
-    sample_fn = samplers.make_sampler(config)
+    sample_fn = samplers.make_sampler(config, return_nfe=True)
     shape = (batch_size,) + _image_shape(config)
 
     def sample_batch(params, rng):
-        x = sample_fn(_constrained_model_fn(apply_fn, params, sharding), shape, rng)
-        return jax.lax.with_sharding_constraint(image_grid.to_uint8(x) if quantize else x, sharding)
+        x, nfe = sample_fn(_constrained_model_fn(apply_fn, params, sharding), shape, rng)
+        x = jax.lax.with_sharding_constraint(image_grid.to_uint8(x) if quantize else x, sharding)
+        return (x, nfe) if with_nfe else x
 
     return jax.jit(sample_batch)
 
@@ -208,7 +232,7 @@ def generate_samples(config, out_dir: str, apply_fn: Callable, params, *, max_ba
     if num_samples <= 0:
         raise ValueError(f'config.sampling.num_samples={num_samples} must be positive')
     mesh = parallel.make_mesh()
-    sample_batch = make_sample_batch_fn(config, apply_fn, mesh)
+    sample_batch = make_sample_batch_fn(config, apply_fn, mesh, with_nfe=True)
     params = _replicated(params, mesh)
     base_key = _seed_key(config, SAMPLE_STREAM)
     num_batches = -(-num_samples // batch_size)
@@ -223,15 +247,21 @@ def generate_samples(config, out_dir: str, apply_fn: Callable, params, *, max_ba
     if max_batches is not None:
         todo = todo[:max_batches]
     for b in todo:
-        images = parallel.to_host(sample_batch(params, jax.random.fold_in(base_key, b)))
+        images, nfe = parallel.to_host(sample_batch(params, jax.random.fold_in(base_key, b)))
         if jax.process_index() == 0:
-            _atomic_savez(batch_path(b), samples=images)
+            _atomic_savez(batch_path(b), samples=images, nfe=np.asarray(nfe, np.int64))
         logging.info('sample batch %d / %d written', b + 1, num_batches)
     complete = all(os.path.exists(batch_path(b)) for b in range(num_batches))
     result = dict(path=os.path.join(out_dir, 'samples.npz'), num_samples=num_samples, complete=complete)
     if complete and jax.process_index() == 0:
         samples = np.concatenate([np.load(batch_path(b))['samples'] for b in range(num_batches)])[:num_samples]
         _atomic_savez(result['path'], samples=samples)
+        # network evaluations per batch (older batch files, written before NFE was recorded, count as -1)
+        nfe = [int(np.load(batch_path(b)).get('nfe', -1)) for b in range(num_batches)]
+        result.update(nfe_mean=float(np.mean(nfe)), nfe_per_batch=nfe)
+        _write_json(os.path.join(out_dir, 'metadata.json'),
+                    dict(sampler=sampler_tag(config), num_samples=num_samples, nfe_mean=result['nfe_mean'],
+                         nfe_per_batch=nfe))
         grid_n = min(num_samples, 100)
         image_grid.save_image_grid(samples[:grid_n], os.path.join(out_dir, 'samples_grid.png'),
                                    num_columns=int(np.ceil(grid_n ** 0.5)), min_size=256)
@@ -249,6 +279,8 @@ def sample(config, workdir: str, *, max_batches: int | None = None) -> dict:
     settings = dict(step=step, sampler=config.sampling.sampler, num_steps=int(config.sampling.num_steps),
                     ddim_eta=float(config.sampling.ddim_eta), clip_denoised=bool(config.sampling.clip_denoised),
                     batch_size=int(config.sampling.batch_size), seed=int(config.seed))
+    if config.sampling.sampler in ('pc', 'langevin', 'ode'):
+        settings.update(_score_settings(config))
     out_dir = _prepare_dir(samples_dir(config, workdir, step), settings)
     result = generate_samples(config, out_dir, apply_fn, params, max_batches=max_batches)
     result['step'] = step
@@ -258,10 +290,12 @@ def sample(config, workdir: str, *, max_batches: int | None = None) -> dict:
 # ----------------------------------------------------------------------------------------------- NLL
 
 def nll_batches(config, out_dir: str, apply_fn: Callable, params, split: str, *,
-                max_batches: int | None = None) -> bool:
+                max_batches: int | None = None, make_batch_fn: Callable | None = None) -> bool:
     """Runs calc_bpd_loop over `split` batch by batch, writing out_dir/batch_XXXXX.npz with, for the real
     images of the batch only: total_bpd [b], prior_bpd [b], terms_bpd [b,T], mse [b,T] (float32).
-    Existing batch files are skipped. Returns True when every batch is written."""
+    Existing batch files are skipped. Returns True when every batch is written.
+    make_batch_fn: another per-image estimate instead of the bound, `make_batch_fn(sharding) -> jitted
+    (params, x [B,H,W,C], rng) -> dict of [B, ...] arrays` (the ODE likelihood, `ode_batch_fn`)."""
     from ddpm_jax import data  # pylint: disable=g-import-not-at-top
     batch_size = int(config.eval.batch_size)
     mesh = parallel.make_mesh()
@@ -276,6 +310,8 @@ def nll_batches(config, out_dir: str, apply_fn: Callable, params, split: str, *,
                                        clip_denoised=clip)
         return {k: jax.lax.with_sharding_constraint(v, sharding) for k, v in out.items()}
 
+    if make_batch_fn is not None:
+        bpd_batch = make_batch_fn(sharding)
     params = _replicated(params, mesh)
     base_key = _seed_key(config, NLL_STREAM)
     ran = 0
@@ -347,8 +383,77 @@ def run_nll(config, workdir: str, *, max_batches: int | None = None, model=None)
     return summary, out_dir
 
 
+def ode_batch_fn(config, apply_fn: Callable) -> Callable:
+    """make_batch_fn for `nll_batches`: bits/dim under the probability-flow ODE (`score.ode_log_likelihood`) of
+    the uniformly dequantised images (score_sde's convention, `score.dequantize` / `score.bits_per_dim`).
+
+    Returns sharding -> jitted (params, x [B,H,W,C] in [-1, 1], rng) -> dict(ode_bpd [B], nfe [B] (the batch's
+    NFE, repeated)); rng draws the dequantisation noise and the Hutchinson probes.
+    """
+    d = diffusion_lib.diffusion_from_config(config)
+    sampling, ev = config.sampling, config.eval
+    dims = int(np.prod(_image_shape(config)))
+    kwargs = dict(divergence=str(ev.divergence), num_probes=int(ev.num_probes), solver=str(sampling.ode_solver),
+                  rtol=float(sampling.ode_rtol), atol=float(sampling.ode_atol),
+                  num_steps=int(sampling.num_steps or d.num_timesteps))
+
+    def make(sharding):
+        @jax.jit
+        def batch_fn(params, x, rng):
+            dequant_key, probe_key = jax.random.split(rng)
+            x = jax.lax.with_sharding_constraint(
+                score.dequantize(x, jax.random.uniform(dequant_key, x.shape, x.dtype)), sharding)
+            out = score.ode_log_likelihood(d, _constrained_model_fn(apply_fn, params, sharding), x, probe_key,
+                                           **kwargs)
+            bpd = jax.lax.with_sharding_constraint(score.bits_per_dim(out['logp'], dims), sharding)
+            return dict(ode_bpd=bpd, nfe=jnp.full(bpd.shape, out['nfe'], jnp.float32))
+        return batch_fn
+
+    return make
+
+
+def run_ode_nll(config, workdir: str, *, max_batches: int | None = None) -> tuple[dict | None, str]:
+    """Mode 'eval' with config.eval.likelihood='ode':
+    workdir/nll_ode_<split>_step<S>_<divergence><probes>_<solver>_seed<seed>/nll_ode.json with nll_bpd (mean
+    bits/dim of the dequantised data), its standard error, nfe_mean (per batch of config.eval.batch_size
+    images), num_images; per-image values in the batch files. Returns (summary or None when interrupted,
+    out_dir)."""
+    apply_fn, params, step = load_model(config, workdir)
+    split = config.eval.split or config.data.eval_split
+    ev = config.eval
+    probes = '' if ev.divergence == 'exact' else str(int(ev.num_probes))
+    tag = f'{split}_step{step}_{ev.divergence}{probes}_{ode_tag(config)}_seed{config.seed}'
+    settings = dict(split=split, step=step, seed=int(config.seed), batch_size=int(ev.batch_size),
+                    num_images=int(ev.num_images), divergence=str(ev.divergence), num_probes=int(ev.num_probes),
+                    **_score_settings(config))
+    out_dir = _prepare_dir(os.path.join(workdir, f'nll_ode_{tag}'), settings)
+    if not nll_batches(config, out_dir, apply_fn, params, split, max_batches=max_batches,
+                       make_batch_fn=ode_batch_fn(config, apply_fn)):
+        return None, out_dir
+    results = load_nll_results(out_dir)
+    bpd = results['ode_bpd'].astype(np.float64)
+    n = bpd.shape[0]
+    summary = dict(settings, likelihood='ode', num_images=int(n), nll_bpd=float(bpd.mean()),
+                   nll_bpd_stderr=float(bpd.std(ddof=1) / np.sqrt(n)) if n > 1 else float('nan'),
+                   nfe_mean=float(results['nfe'].astype(np.float64).mean()))
+    if jax.process_index() == 0:
+        _write_json(os.path.join(out_dir, 'nll_ode.json'), summary)
+    return summary, out_dir
+
+
 def evaluate_nll(config, workdir: str, *, max_batches: int | None = None) -> dict | None:
-    """Mode 'eval': workdir/nll_<split>_step<S>_seed<seed>/nll.json (see summarize_nll)."""
+    """Mode 'eval': workdir/nll_<split>_step<S>_seed<seed>/nll.json (see summarize_nll), or with
+    config.eval.likelihood='ode' the probability-flow ODE's nll_ode.json (see run_ode_nll)."""
+    if config.eval.likelihood not in ('bound', 'ode'):
+        raise ValueError(f"config.eval.likelihood={config.eval.likelihood!r}; allowed: 'bound' (the variational "
+                         "bound) or 'ode' (the probability-flow ODE)")
+    if config.eval.likelihood == 'ode':
+        summary, out_dir = run_ode_nll(config, workdir, max_batches=max_batches)
+        if summary is not None:
+            logging.info('ODE NLL %s: %.5f +- %.5f bits/dim over %d images, %.0f NFE per batch (%s)', summary['split'],
+                         summary['nll_bpd'], summary['nll_bpd_stderr'], summary['num_images'], summary['nfe_mean'],
+                         out_dir)
+        return summary
     summary, out_dir = run_nll(config, workdir, max_batches=max_batches)
     if summary is not None:
         logging.info('NLL %s: %.5f +- %.5f bits/dim over %d images (%s)', summary['split'], summary['nll_bpd'],

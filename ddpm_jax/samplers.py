@@ -1,4 +1,5 @@
-"""Samplers beyond the paper's ancestral loop: timestep respacing and DDIM.
+"""Samplers beyond the paper's ancestral loop: timestep respacing and DDIM (and, from `score`, the
+predictor-corrector, annealed Langevin and probability-flow ODE samplers, selected by `make_sampler`).
 
 Both plug into the signature of `diffusion.p_sample_loop`:
 
@@ -32,9 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax import diffusion as diffusion_lib
-from ddpm_jax import schedules
+from ddpm_jax import schedules, score
 
-SAMPLERS = ('ancestral', 'ddim')
+SAMPLERS = ('ancestral', 'ddim', 'pc', 'langevin', 'ode')
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -163,12 +164,16 @@ def p_sample_range(d, model_fn: ModelFn, x, rng, *, t_start, t_stop=0, clip_deno
     return jax.lax.fori_loop(0, jnp.maximum(t_start - t_stop + 1, 0), body, x)
 
 
-def make_sampler(config):
-    """The sampler that config.sampling selects, as `sample_fn(model_fn, shape, rng) -> x_0 [B,H,W,C]`.
+def make_sampler(config, *, return_nfe=False):
+    """The sampler that config.sampling selects, as `sample_fn(model_fn, shape, rng) -> x_0 [B,H,W,C]`
+    (with return_nfe: `-> (x_0, NFE int32 scalar)`, the number of network evaluations).
 
     config.sampling.sampler: 'ancestral' (the paper's; with num_steps > 0 and < T it runs on respaced
-    timesteps) or 'ddim' (eta = config.sampling.ddim_eta); num_steps: 0 = all T steps.
-    The returned function is traceable (jit its caller).
+    timesteps), 'ddim' (eta = config.sampling.ddim_eta), 'pc' (ancestral predictor + n_corrector_steps
+    Langevin steps at target snr, `score.pc_sample_loop`), 'langevin' (annealed Langevin, n_corrector_steps
+    per level, `score.annealed_langevin_sample_loop`) or 'ode' (the probability-flow ODE,
+    `score.ode_sample`, ode_solver 'adaptive' with ode_rtol / ode_atol or 'heun' with num_steps steps);
+    num_steps: 0 = all T steps. The returned function is traceable (jit its caller).
     """
     sampling, dcfg = config.sampling, config.diffusion
     if sampling.sampler not in SAMPLERS:
@@ -177,16 +182,37 @@ def make_sampler(config):
                                         num_diffusion_timesteps=dcfg.num_diffusion_timesteps)
     num_steps = sampling.num_steps or dcfg.num_diffusion_timesteps
     clip = bool(sampling.clip_denoised)
+    d_full = diffusion_lib.diffusion_from_config(config)
+
+    def with_nfe(sample_fn, nfe):
+        if not return_nfe:
+            return sample_fn
+        return lambda model_fn, shape, rng: (sample_fn(model_fn, shape, rng), jnp.asarray(nfe, jnp.int32))
+
+    if sampling.sampler == 'ode':
+        kwargs = {'solver': sampling.ode_solver, 'rtol': float(sampling.ode_rtol),
+                  'atol': float(sampling.ode_atol), 'num_steps': num_steps, 'clip_denoised': clip}
+        if return_nfe:
+            return lambda model_fn, shape, rng: score.ode_sample(d_full, model_fn, shape, rng, **kwargs)
+        return lambda model_fn, shape, rng: score.ode_sample(d_full, model_fn, shape, rng, **kwargs)[0]
     if sampling.sampler == 'ancestral' and num_steps == dcfg.num_diffusion_timesteps:
-        d = diffusion_lib.diffusion_from_config(config)
-        return lambda model_fn, shape, rng: diffusion_lib.p_sample_loop(d, model_fn, tuple(shape), rng,
-                                                                        clip_denoised=clip)
+        return with_nfe(lambda model_fn, shape, rng: diffusion_lib.p_sample_loop(
+            d_full, model_fn, tuple(shape), rng, clip_denoised=clip), num_steps)
     d, timestep_map = respace(betas, num_steps, model_mean_type=dcfg.model_mean_type,
                               model_var_type=dcfg.model_var_type, loss_type=dcfg.loss_type,
                               hybrid_lambda=dcfg.hybrid_lambda)
     if sampling.sampler == 'ancestral':
-        return lambda model_fn, shape, rng: ancestral_sample_loop(d, model_fn, shape, rng,
-                                                                  timestep_map=timestep_map, clip_denoised=clip)
+        return with_nfe(lambda model_fn, shape, rng: ancestral_sample_loop(
+            d, model_fn, shape, rng, timestep_map=timestep_map, clip_denoised=clip), num_steps)
+    if sampling.sampler in ('pc', 'langevin'):
+        snr, n_corrector = float(sampling.snr), int(sampling.n_corrector_steps)
+        if sampling.sampler == 'pc':
+            return with_nfe(lambda model_fn, shape, rng: score.pc_sample_loop(
+                d_full, d, model_fn, shape, rng, timestep_map=timestep_map, snr=snr, n_corrector_steps=n_corrector,
+                clip_denoised=clip), num_steps * (1 + n_corrector))
+        return with_nfe(lambda model_fn, shape, rng: score.annealed_langevin_sample_loop(
+            d_full, d, model_fn, shape, rng, timestep_map=timestep_map, snr=snr, n_steps=n_corrector,
+            clip_denoised=clip), num_steps * n_corrector + 1)
     eta = float(sampling.ddim_eta)
-    return lambda model_fn, shape, rng: ddim_sample_loop(d, model_fn, shape, rng, timestep_map=timestep_map,
-                                                         eta=eta, clip_denoised=clip)
+    return with_nfe(lambda model_fn, shape, rng: ddim_sample_loop(
+        d, model_fn, shape, rng, timestep_map=timestep_map, eta=eta, clip_denoised=clip), num_steps)
