@@ -33,9 +33,13 @@ KIND_PARAMS_ONLY = 'params_only'
 
 # Config entries a checkpoint is tied to: the params' shapes and meaning depend on them.
 _COMPATIBILITY_KEYS = ('model', 'diffusion', 'data.image_size', 'data.channels')
-# How the model computes, not what its parameters mean: may differ between the run that wrote a checkpoint and
-# the one that reads it (e.g. train in float32, sample in bfloat16 with cuDNN attention).
-_COMPUTE_SWITCHES = ('model.dtype', 'model.attention', 'model.remat', 'model.fast_variance')
+# Entries under those keys that may differ between the run that wrote a checkpoint and the one that reads it:
+# how the model computes (e.g. train in float32, sample in bfloat16 with cuDNN attention), and choices that
+# change neither the params nor what the network predicts (the loss trains the same output; dropout is off at
+# evaluation). model_var_type may change among the fixed variances (paper Table 2 samples one model with both).
+_COMPUTE_SWITCHES = ('model.dtype', 'model.attention', 'model.remat', 'model.fast_variance', 'model.dropout',
+                     'diffusion.loss_type', 'diffusion.hybrid_lambda')
+_FIXED_VAR_TYPES = ('fixedsmall', 'fixedlarge')
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -141,12 +145,15 @@ def _flatten(value: Any, prefix: str) -> dict:
 
 def check_compatible(saved_config: dict, config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming every config entry that makes a checkpoint unusable with `config`: the model,
-    diffusion and image-shape entries, except the compute switches (`_COMPUTE_SWITCHES`)."""
+    diffusion and image-shape entries, except the compute switches and evaluation-time choices
+    (`_COMPUTE_SWITCHES`) and a change between the fixed variance types."""
     saved, current = _config_dict(saved_config), _config_dict(config)
     differing = []
     for key in _COMPATIBILITY_KEYS:
         old, new = _flatten(_select(saved, key), key), _flatten(_select(current, key), key)
         for name in sorted((set(old) | set(new)) - set(_COMPUTE_SWITCHES)):
+            if name == 'diffusion.model_var_type' and {old.get(name), new.get(name)} <= set(_FIXED_VAR_TYPES):
+                continue
             if old.get(name) != new.get(name):
                 differing.append(f'{name}: checkpoint {old.get(name)!r} vs config {new.get(name)!r}')
     if differing:

@@ -154,6 +154,16 @@ def _replicated(params, mesh):
     return jax.tree.map(put, params)
 
 
+def check_diffusion_supported(config, use: str = 'nll') -> None:
+    """`samplers.check_supported` for the full-T diffusion of config.diffusion, used as the NLL bound ('nll')
+    or by the paper's full-T ancestral experiments ('ancestral'); ValueError with the reason and the fix."""
+    dcfg = config.diffusion
+    betas = diffusion_lib.schedules.get_beta_schedule(
+        dcfg.beta_schedule, beta_start=dcfg.beta_start, beta_end=dcfg.beta_end,
+        num_diffusion_timesteps=dcfg.num_diffusion_timesteps)
+    samplers.check_supported(dcfg.model_mean_type, dcfg.model_var_type, use, 0, betas)
+
+
 def _image_shape(config):
     return (config.data.image_size, config.data.image_size, config.data.channels)
 
@@ -263,6 +273,7 @@ def nll_batches(config, out_dir: str, apply_fn: Callable, params, split: str, *,
     mesh = parallel.make_mesh()
     parallel.check_global_batch(batch_size, mesh)
     sharding = parallel.data_sharding(mesh)
+    check_diffusion_supported(config, 'nll')
     d = diffusion_lib.diffusion_from_config(config)
     clip = bool(config.sampling.clip_denoised)
 
@@ -398,6 +409,7 @@ def rate_distortion(config, workdir: str) -> dict:
 
 
 def _experiment_setup(config, workdir, name):
+    check_diffusion_supported(config, 'ancestral')
     apply_fn, params, step = load_model(config, workdir)
     d = diffusion_lib.diffusion_from_config(config)
     out_dir = os.path.join(workdir, f'{name}_step{step}_seed{config.seed}')
