@@ -59,6 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
     optim.warmup_steps = 5000
     optim.grad_clip = 1.0               # global norm; 0 disables clipping
     optim.ema_decay = 0.9999
+    optim.ema_warmup = False            # True: decay min(ema_decay, (1 + n) / (10 + n)) after n steps (not official)
 
     training = config.training = ml_collections.ConfigDict()
     training.batch_size = 128           # global batch over all devices and hosts
@@ -83,6 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.batch_size = 256
     evaluation.num_images = 0           # 0 = the whole split
     evaluation.checkpoint_step = -1     # -1 = latest
+    evaluation.use_ema = True           # False: evaluate the raw params of a training checkpoint (tagged 'raw')
     evaluation.split = ''               # '' = data.eval_split
     # Paper figures (--mode=progressive, shared_xt, interpolate). Empty timestep lists mean
     # T/4-1, T/2-1, 3T/4-1, T-1.

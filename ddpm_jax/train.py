@@ -151,6 +151,7 @@ def _compiled_train_step(key: _CompileKey, mesh: jax.sharding.Mesh, donate_state
     optimizer = make_optimizer(config.optim)
     schedule = learning_rate_schedule(config.optim)
     ema_decay = float(config.optim.ema_decay)
+    ema_warmup = bool(config.optim.get('ema_warmup', False))
     num_timesteps = diffusion.num_timesteps
     example_stream = stream_key(config, _EXAMPLE_STREAM)
     dropout_stream = stream_key(config, _DROPOUT_STREAM)
@@ -176,8 +177,7 @@ def _compiled_train_step(key: _CompileKey, mesh: jax.sharding.Mesh, donate_state
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
         with jax.named_scope('ema'):
-            # Official EMA: decay 0 at the first step (the shadow becomes the params), then ema_decay.
-            decay = jnp.where(state.step == 0, 0.0, ema_decay).astype(jnp.float32)
+            decay = ema_decay_at(state.step, ema_decay, ema_warmup)
             ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
         metrics = dict(loss=loss.astype(jnp.float32), grad_norm=optax.tree.norm(grads).astype(jnp.float32),
                        lr=jnp.asarray(schedule(state.step), jnp.float32))
@@ -192,6 +192,21 @@ def _compiled_train_step(key: _CompileKey, mesh: jax.sharding.Mesh, donate_state
     sharded = jax.shard_map(device_steps, mesh=mesh, in_specs=(P(), P(None, parallel.DATA_AXIS)),
                             out_specs=(P(), P()))
     return jax.jit(sharded, donate_argnums=0 if donate_state else ())
+
+
+def ema_decay_at(step: jax.Array, ema_decay: float, warmup: bool) -> jax.Array:
+    """The EMA decay of the update after `step` steps (int scalar): float32 scalar.
+
+    Official (diffusion_tf/utils.py): 0 at the first step (the shadow becomes the params), then ema_decay.
+    warmup=True: 0 at the first step, then min(ema_decay, (1 + step) / (10 + step)) (the warm-up of TF's
+    ExponentialMovingAverage with num_updates), so that after n steps the initialisation's weight is ~0 instead of
+    ema_decay^n (0.999^1500 = 22% for the digits default).
+    """
+    decay = jnp.asarray(ema_decay, jnp.float32)
+    if warmup:
+        step_f = jnp.asarray(step, jnp.float32)
+        decay = jnp.minimum(decay, (1.0 + step_f) / (10.0 + step_f))
+    return jnp.where(step == 0, 0.0, decay).astype(jnp.float32)
 
 
 def make_grid_sampler(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, num_samples: int) -> Callable:
@@ -420,10 +435,11 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
 
 
 def _write_scalars(writer, values: dict) -> None:
-    """Writes the mean of each metric over the fetched steps at the last of them."""
+    """Writes the mean of each metric over the fetched steps at the number of steps done after the last of them
+    (the console's step count: values['step'] holds the 0-based index of each step)."""
     if writer is None:
         return
-    step = int(values['step'][-1])
+    step = int(values['step'][-1]) + 1
     for name in ('loss', 'grad_norm', 'lr'):
         writer.add_scalar(f'train/{name}', float(np.mean(values[name])), step)
     writer.flush()
