@@ -364,3 +364,37 @@ def latest_step(workdir: str) -> Optional[int]:
     finally:
         manager.close()
 
+
+
+def restore_eval_params(workdir: str, config: ml_collections.ConfigDict, step: Optional[int] = None,
+                        use_ema: bool = True) -> tuple:
+    """(params, step) for evaluation: the EMA params (`restore_ema_params`), or with use_ema=False the raw
+    params of a training checkpoint's train_state item, replicated over all devices.
+
+    ValueError when use_ema=False and the checkpoint is params-only (converted weights hold no raw params).
+    """
+    if use_ema:
+        return restore_ema_params(workdir, config, step)
+    from ddpm_jax import train  # pylint: disable=g-import-not-at-top  (train imports this module)
+    if not os.path.isdir(checkpoint_dir(workdir)):
+        raise FileNotFoundError(f'no checkpoints directory {checkpoint_dir(workdir)}; train first.')
+    mesh = parallel.make_mesh()
+    state = train.create_train_state(config, mesh, abstract=True)
+    target = _abstract(dict(step=state.step, params=state.params, opt_state=state.opt_state),
+                       parallel.replicated_sharding(mesh))
+    manager = make_manager(workdir, read_only=True)
+    try:
+        chosen = step if step is not None else manager.latest_step()
+        if chosen is not None and chosen in manager.all_steps():
+            meta = _read_meta(manager, chosen)
+            if ITEM_STATE not in meta['checksums']:
+                raise ValueError(
+                    f'eval.use_ema=False needs the raw params of a training checkpoint, but step {chosen} in '
+                    f'{checkpoint_dir(workdir)} is a {meta.get("kind")!r} checkpoint (e.g. converted weights) that '
+                    'holds only one set of params; use --config.eval.use_ema=True.')
+        restored = _restore_with_fallback(workdir, manager, config, {ITEM_STATE: target}, step, quarantine=False)
+    finally:
+        manager.close()
+    if restored is None:
+        raise FileNotFoundError(f'no checkpoint in {checkpoint_dir(workdir)}')
+    return restored[ITEM_STATE]['params'], int(restored['meta']['step'])

