@@ -2,8 +2,9 @@
 
 Each mode is `mode(config, workdir) -> dict` and is registered in `MODES` for main.py:
 
-* `sample`: config.sampling.num_samples samples from the EMA (or, eval.use_ema=False, raw) params (uint8 .npz + PNG grid), sharded over
-  every device of every host, batch by batch, resumable (batch b uses key fold_in(seed key, b)).
+* `sample`: config.sampling.num_samples samples from the EMA (or, eval.use_ema=False, raw) params (uint8 .npz +
+  PNG grid), sharded over every device of every host, batch by batch, resumable (batch b uses key
+  fold_in(seed key, b)).
 * `eval`: the variational bound in bits/dim over a whole split, every image counted, resumable per batch.
 * `rate_distortion`: Table 4 / Fig. 5 from the per-timestep terms of `eval` (same cached results).
 * `progressive`: Fig. 6, predicted x0 along the reverse process.
@@ -37,6 +38,7 @@ from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import image_grid
 from ddpm_jax import likelihood
 from ddpm_jax import parallel
+from ddpm_jax import progress as progress_lib
 from ddpm_jax import samplers
 
 # Stream ids folded into the seed key, so that sampling, evaluation and each experiment draw independent noise.
@@ -197,13 +199,15 @@ def sampler_tag(config) -> str:
     return tag
 
 
-def make_sample_batch_fn(config, apply_fn: Callable, mesh, *, quantize: bool = True) -> Callable:
+def make_sample_batch_fn(config, apply_fn: Callable, mesh, *, quantize: bool = True,
+                         on_call: Callable[[int], None] | None = None) -> Callable:
     """The jitted sampler of sample mode: (params, rng) -> one global batch [B, H, W, C], split over the mesh.
 
     B = config.sampling.batch_size (a multiple of the mesh size); the sampler is samplers.make_sampler(config)
     and every network call sees its input batch constrained to the mesh's data sharding.
     quantize: True returns uint8 (image_grid.to_uint8, on device; what sample mode stores), False the float32
-    x_0 in [-1, 1] (e.g. to check it for non-finite values).
+    x_0 in [-1, 1] (e.g. to check it for non-finite values). on_call: a host function called with the
+    timestep of every network call (`progress.report_from_device`; the samples are unchanged).
     """
     batch_size = int(config.sampling.batch_size)
     parallel.check_global_batch(batch_size, mesh)
@@ -212,7 +216,10 @@ def make_sample_batch_fn(config, apply_fn: Callable, mesh, *, quantize: bool = T
     shape = (batch_size,) + _image_shape(config)
 
     def sample_batch(params, rng):
-        x = sample_fn(_constrained_model_fn(apply_fn, params, sharding), shape, rng)
+        model_fn = _constrained_model_fn(apply_fn, params, sharding)
+        if on_call is not None:
+            model_fn = progress_lib.report_from_device(model_fn, on_call)
+        x = sample_fn(model_fn, shape, rng)
         return jax.lax.with_sharding_constraint(image_grid.to_uint8(x) if quantize else x, sharding)
 
     return jax.jit(sample_batch)
@@ -231,7 +238,6 @@ def generate_samples(config, out_dir: str, apply_fn: Callable, params, *, max_ba
     if num_samples <= 0:
         raise ValueError(f'config.sampling.num_samples={num_samples} must be positive')
     mesh = parallel.make_mesh()
-    sample_batch = make_sample_batch_fn(config, apply_fn, mesh)
     params = _replicated(params, mesh)
     base_key = _seed_key(config, SAMPLE_STREAM)
     num_batches = -(-num_samples // batch_size)
@@ -245,7 +251,12 @@ def generate_samples(config, out_dir: str, apply_fn: Callable, params, *, max_ba
         todo = [b for b in range(num_batches) if mask[b]]
     if max_batches is not None:
         todo = todo[:max_batches]
-    for b in todo:
+    timesteps = samplers.sampler_timesteps(config)
+    counter = progress_lib.TimestepCounter(timesteps, progress_lib.Progress(
+        f'sampling {len(todo)} batches of {batch_size}', len(todo) * len(timesteps), unit='steps'))
+    sample_batch = make_sample_batch_fn(config, apply_fn, mesh, on_call=counter)
+    for i, b in enumerate(todo):
+        counter.offset = i * len(timesteps)
         images = parallel.to_host(sample_batch(params, jax.random.fold_in(base_key, b)))
         if jax.process_index() == 0:
             _atomic_savez(batch_path(b), samples=images)
@@ -268,7 +279,8 @@ def samples_dir(config, workdir: str, step: int) -> str:
 
 
 def sample(config, workdir: str, *, max_batches: int | None = None) -> dict:
-    """Mode 'sample': workdir/samples_step<S>_<sampler>_<eval_tag>_seed<seed>/{batch_*.npz, samples.npz, samples_grid.png}."""
+    """Mode 'sample': workdir/samples_step<S>_<sampler>_<eval_tag>_seed<seed>/{batch_*.npz, samples.npz,
+    samples_grid.png}."""
     apply_fn, params, step = load_model(config, workdir)
     settings = dict(step=step, sampler=config.sampling.sampler, num_steps=int(config.sampling.num_steps),
                     ddim_eta=float(config.sampling.ddim_eta), clip_denoised=bool(config.sampling.clip_denoised),
@@ -295,10 +307,15 @@ def nll_batches(config, out_dir: str, apply_fn: Callable, params, split: str, *,
     d = diffusion_lib.diffusion_from_config(config)
     clip = bool(config.sampling.clip_denoised)
 
+    num_images = int(config.eval.num_images) or None
+    num_batches = -(-_split_size(config, split, num_images) // batch_size)
+    counter = progress_lib.TimestepCounter(np.arange(d.num_timesteps), progress_lib.Progress(
+        f'NLL over {num_batches} batches of {batch_size}', num_batches * d.num_timesteps, unit='steps'))
+
     @jax.jit
     def bpd_batch(params, x, rng):
-        out = likelihood.calc_bpd_loop(d, _constrained_model_fn(apply_fn, params, sharding), x, rng,
-                                       clip_denoised=clip)
+        model_fn = progress_lib.report_from_device(_constrained_model_fn(apply_fn, params, sharding), counter)
+        out = likelihood.calc_bpd_loop(d, model_fn, x, rng, clip_denoised=clip)
         return {k: jax.lax.with_sharding_constraint(v, sharding) for k, v in out.items()}
 
     params = _replicated(params, mesh)
@@ -308,18 +325,19 @@ def nll_batches(config, out_dir: str, apply_fn: Callable, params, split: str, *,
     for b, (images, mask) in enumerate(data.eval_batches(config, split, batch_size,
                                                          process_index=jax.process_index(),
                                                          process_count=jax.process_count(),
-                                                         num_images=int(config.eval.num_images) or None)):
+                                                         num_images=num_images)):
         if os.path.exists(batch_path(b)):  # the processes share the workdir
             continue
         if max_batches is not None and ran >= max_batches:
             return False
+        counter.offset = b * d.num_timesteps
         x = parallel.shard_batch(np.asarray(images, np.float32), mesh)
         global_mask = parallel.to_host(parallel.shard_batch(np.asarray(mask, bool), mesh))
         out = parallel.to_host(bpd_batch(params, x, jax.random.fold_in(base_key, b)))
         if jax.process_index() == 0:
             _atomic_savez(batch_path(b), **{k: np.asarray(v, np.float32)[global_mask] for k, v in out.items()})
         ran += 1
-        logging.info('NLL batch %d done (%d real images)', b, int(global_mask.sum()))
+        logging.info('NLL batch %d / %d done (%d real images)', b + 1, num_batches, int(global_mask.sum()))
     return True
 
 
@@ -438,6 +456,11 @@ def _experiment_setup(config, workdir, name):
     return d, apply_fn, jax.tree.map(jnp.asarray, parallel.to_host(params)), step, out_dir
 
 
+def _figure_counter(name: str, num_timesteps: int, total: int) -> progress_lib.TimestepCounter:
+    """Progress of a figure mode over `total` reverse steps, fed by the model calls at timesteps 0..T-1."""
+    return progress_lib.TimestepCounter(np.arange(num_timesteps), progress_lib.Progress(name, total, unit='steps'))
+
+
 def _default_timesteps(num_timesteps: int) -> list[int]:
     """Code timesteps at 1/4, 1/2, 3/4 and all of T: e.g. 249, 499, 749, 999 for T = 1000."""
     return sorted({max(num_timesteps * k // 4 - 1, 0) for k in (1, 2, 3, 4)})
@@ -453,8 +476,10 @@ def progressive(config, workdir: str) -> dict:
     freq = int(config.eval.progressive_freq) or max(num_timesteps // 10, 1)
     num = int(config.eval.num_progressive)
     shape = (num,) + _image_shape(config)
+    counter = _figure_counter('progressive', num_timesteps, num_timesteps)
     run = jax.jit(lambda params, rng: diffusion_lib.p_sample_loop_progressive(
-        d, lambda x, t: apply_fn(params, x, t), shape, rng, freq=freq, clip_denoised=bool(config.sampling.clip_denoised)))
+        d, progress_lib.report_from_device(lambda x, t: apply_fn(params, x, t), counter), shape, rng, freq=freq,
+        clip_denoised=bool(config.sampling.clip_denoised)))
     final, pred_xstart = run(params, _seed_key(config, EXPERIMENT_STREAM))
     slots = pred_xstart.shape[1]
     order = list(range(slots - 1, -1, -1))
@@ -491,10 +516,13 @@ def shared_xt(config, workdir: str) -> dict:
     timesteps = list(config.eval.shared_xt_timesteps or _default_timesteps(d.num_timesteps))
     num_shared = int(config.eval.num_shared)
     clip = bool(config.sampling.clip_denoised)
+    counter = _figure_counter('shared_xt', d.num_timesteps, len(timesteps) * d.num_timesteps)
     run = jax.jit(lambda params, rng, t: shared_xt_samples(
-        d, lambda x, tt: apply_fn(params, x, tt), _image_shape(config), rng, t, num_shared, clip_denoised=clip))
+        d, progress_lib.report_from_device(lambda x, tt: apply_fn(params, x, tt), counter), _image_shape(config),
+        rng, t, num_shared, clip_denoised=clip))
     rows = []
     for i, t in enumerate(timesteps):
+        counter.offset = i * d.num_timesteps  # a row calls the model once at every t (shared chain, then branches)
         x_t, samples = run(params, jax.random.fold_in(_seed_key(config, EXPERIMENT_STREAM), i), jnp.int32(t))
         rows.append(np.asarray(image_grid.to_uint8(jnp.concatenate([x_t, samples]))))
     path = os.path.join(out_dir, 'shared_xt.png')
@@ -536,10 +564,14 @@ def interpolate(config, workdir: str) -> dict:
     lambdas = np.linspace(0.0, 1.0, int(config.eval.num_lambdas))
     timesteps = list(config.eval.interp_timesteps or _default_timesteps(d.num_timesteps))
     clip = bool(config.sampling.clip_denoised)
+    counter = _figure_counter('interpolate', d.num_timesteps, sum(t + 1 for t in timesteps))
     run = jax.jit(lambda params, x_a, x_b, t, rng: interpolate_images(
-        d, lambda x, tt: apply_fn(params, x, tt), x_a, x_b, t, lambdas, rng, clip_denoised=clip))
+        d, progress_lib.report_from_device(lambda x, tt: apply_fn(params, x, tt), counter), x_a, x_b, t, lambdas,
+        rng, clip_denoised=clip))
     rows, table = [], []
     for i, t in enumerate(timesteps):
+        # A row decodes from t down to 0; the model call at s is step T - s of the T-step count.
+        counter.offset = sum(s + 1 for s in timesteps[:i]) - (d.num_timesteps - 1 - t)
         _, decoded = run(params, x_a, x_b, jnp.int32(t), jax.random.fold_in(_seed_key(config, EXPERIMENT_STREAM), i))
         rows.append(np.asarray(image_grid.to_uint8(jnp.concatenate([x_a, decoded, x_b]))))
         for lam, image in zip(lambdas, np.asarray(decoded, np.float64)):
@@ -611,6 +643,27 @@ def _load_samples_for_fid(config, workdir: str) -> tuple[np.ndarray, str, int]:
     return samples, path, step
 
 
+def _split_size(config, split: str, limit: int | None) -> int:
+    from ddpm_jax import data  # pylint: disable=g-import-not-at-top
+    size = len(data.load_source(config, split))
+    return min(size, limit) if limit else size
+
+
+def _counting(inception_fn: Callable, what: str, total: Callable[[], int]) -> Callable:
+    """inception_fn that reports its progress in images of `total()` (called at the first batch only, so that
+    nothing is read when a cache makes the pass unnecessary)."""
+    progress = []
+
+    def counted(images):
+        if not progress:
+            progress.append(progress_lib.Progress(what, total(), unit='images'))
+        outputs = inception_fn(images)
+        progress[0].update(min(progress[0].count + len(images), progress[0].total))  # the last batch is padded
+        return outputs
+
+    return counted
+
+
 def evaluate_fid(config, workdir: str) -> dict:
     """Mode 'fid': FID of the samples of sample mode against the train and the eval split (and the Inception
     Score when the weights have the logits layer).
@@ -642,8 +695,10 @@ def evaluate_fid(config, workdir: str) -> dict:
 
     sample_stats = fid_lib.FeatureStatistics(inception.FEATURE_DIM)
     logits = []
+    sample_progress = progress_lib.Progress('Inception on the samples', samples.shape[0], unit='images')
     for start in range(0, samples.shape[0], batch_size):
         outputs = inception_fn(samples[start:start + batch_size])
+        sample_progress.advance(len(samples[start:start + batch_size]))
         sample_stats.update(outputs['pool'])
         if 'logits' in outputs:
             logits.append(outputs['logits'])
@@ -658,8 +713,10 @@ def evaluate_fid(config, workdir: str) -> dict:
         stats_path, key = reference_stats_file(config, workdir, split, weights_sha256)
         batches = functools.partial(data.eval_batches, config, split, batch_size, process_index=0, process_count=1,
                                     num_images=num_reference)  # not called when the cache is valid
-        reference = fid_lib.cached_reference_statistics(stats_path, batches, inception_fn, key=key,
-                                                        write_cache=write)
+        reference = fid_lib.cached_reference_statistics(
+            stats_path, batches, _counting(inception_fn, f'Inception on the {split} split', functools.partial(
+                _split_size, config, split, num_reference)),
+            key=key, write_cache=write)
         result[f'fid_{role}'] = fid_lib.fid_from_stats(sample_stats, reference)
         result['reference'][role] = dict(split=split, num_images=reference[2], stats=stats_path)
         logging.info('FID against %s (%d images): %.4f', split, reference[2], result[f'fid_{role}'])

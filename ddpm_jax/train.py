@@ -35,6 +35,7 @@ from ddpm_jax import data as data_lib
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import image_grid
 from ddpm_jax import parallel
+from ddpm_jax import progress as progress_lib
 from ddpm_jax.models import unet
 
 _INIT_STREAM, _EXAMPLE_STREAM, _DROPOUT_STREAM, _SAMPLE_STREAM = 0, 1, 2, 3
@@ -325,11 +326,6 @@ def _next_boundary(step: int, every: int) -> int:
     return (step // every + 1) * every
 
 
-def _format_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
-
-
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains (or resumes) the run in `workdir` up to config.training.num_train_steps.
 
@@ -371,6 +367,8 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
         writer = SummaryWriter(os.path.join(workdir, 'tensorboard'))
     metric_log = _MetricLog()
     log_time, log_step = time.time(), step
+    # The ETA's rate starts at the first log point after (re)start, so compilation never enters it.
+    eta = progress_lib.Progress('train', num_steps, window=10)
 
     def save() -> None:
         values = metric_log.drain()  # raises before saving a state that followed a NaN
@@ -391,6 +389,7 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
             image_grid.save_image_grid(samples, path, scale=max(1, 64 // config.data.image_size))
             logging.info('Wrote %s', path)
         log_time += time.time() - started  # keep sampling out of the training throughput
+        eta.exclude(time.time() - started)
 
     try:
         with _StopRequest() as stop:
@@ -415,11 +414,13 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
                         now = time.time()
                         steps_per_second = (step - log_step) / max(now - log_time, 1e-9)
                         log_time, log_step = now, step
+                        eta.update(step, log=False)
+                        eta_seconds = eta.eta_seconds()
                         logging.info('step %d/%d | loss %.5f | grad_norm %.4f | lr %.3g | %.2f steps/s | '
                                      '%.1f img/s | ETA %s', step, num_steps, values['loss'].mean(),
                                      values['grad_norm'].mean(), values['lr'][-1], steps_per_second,
                                      steps_per_second * training.batch_size,
-                                     _format_duration((num_steps - step) / max(steps_per_second, 1e-9)))
+                                     '?' if eta_seconds is None else progress_lib.format_duration(eta_seconds))
                 stopping = stop.should_stop(manager, range(step - count + 1, step + 1))
                 if step % training.checkpoint_every_steps == 0 or step == num_steps or stopping:
                     save()

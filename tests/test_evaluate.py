@@ -279,7 +279,8 @@ def _fid_config(config, weights_path, stats_dir):
     return config
 
 
-def test_fid_mode_matches_direct_computation_and_caches_references(run, inception_archive, tmp_path, monkeypatch):
+def test_fid_mode_matches_direct_computation_and_caches_references(run, inception_archive, tmp_path, monkeypatch,
+                                                                   caplog):
     from ddpm_jax import fid
     from ddpm_jax.models import inception
     base_config, workdir, _ = run
@@ -293,8 +294,12 @@ def test_fid_mode_matches_direct_computation_and_caches_references(run, inceptio
     reference_calls = []
     eval_batches = data.eval_batches
     monkeypatch.setattr(data, 'eval_batches', lambda *a, **k: reference_calls.append(a[1]) or eval_batches(*a, **k))
+    caplog.set_level('INFO')
     result = evaluate.MODES['fid'](config, workdir)
     assert sorted(reference_calls) == ['test', 'train']
+    for line in ('Inception on the samples: 20/20 images (100.0%)', 'Inception on the train split: 8/8 images',
+                 'Inception on the test split: 8/8 images'):  # progress lines of the Inception passes
+        assert line in caplog.text
     with open(os.path.join(os.path.dirname(samples_path), 'fid.json')) as f:
         written = json.load(f)
     assert written == result
@@ -440,3 +445,21 @@ def test_jsd_eps_evaluation_is_refused(run):
     for mode in ('eval', 'progressive'):
         with pytest.raises(ValueError, match='alpha_bar = 0'):
             evaluate.MODES[mode](jsd, workdir)
+
+
+def test_every_mode_logs_progress_lines(run, tmp_path, caplog):
+    config, workdir, _ = run
+    config = config.copy_and_resolve_references()
+    config.eval.num_progressive, config.eval.num_shared, config.eval.num_lambdas = 1, 2, 2
+    workdir = _copy_checkpoints(workdir, tmp_path)
+    caplog.set_level('INFO')
+    want = {'sample': f'sampling 3 batches of {BATCH}: 30/30 steps (100.0%)',   # 10 samples, T = 10 steps each
+            'eval': f'NLL over 3 batches of {BATCH}: 30/30 steps (100.0%)',
+            'progressive': f'progressive: {T}/{T} steps (100.0%)',
+            'shared_xt': f'shared_xt: {4 * T}/{4 * T} steps (100.0%)',          # 4 rows of T model calls
+            'interpolate': 'interpolate: 24/24 steps (100.0%)'}                 # t = 1, 4, 6, 9: 2+5+7+10 steps
+    for mode, line in want.items():
+        caplog.clear()
+        evaluate.MODES[mode](config, workdir)
+        assert line in caplog.text, (mode, caplog.text[-2000:])
+        assert 'steps/s' in caplog.text and 'ETA' in caplog.text
