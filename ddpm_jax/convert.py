@@ -346,8 +346,10 @@ def main(argv):
     from absl import flags, logging
 
     from ddpm_jax.checkpoint import save_params_only
+    from ddpm_jax.progress import quiet_libraries
     if len(argv) > 1:
         raise ValueError(f'unexpected arguments {argv[1:]}')
+    quiet_libraries()
     FLAGS = flags.FLAGS
     params, step = convert(FLAGS.source, FLAGS.config, use_ema=FLAGS.use_ema)
     step = step if FLAGS.step < 0 else FLAGS.step

@@ -649,21 +649,6 @@ def _split_size(config, split: str, limit: int | None) -> int:
     return min(size, limit) if limit else size
 
 
-def _counting(inception_fn: Callable, what: str, total: Callable[[], int]) -> Callable:
-    """inception_fn that reports its progress in images of `total()` (called at the first batch only, so that
-    nothing is read when a cache makes the pass unnecessary)."""
-    progress = []
-
-    def counted(images):
-        if not progress:
-            progress.append(progress_lib.Progress(what, total(), unit='images'))
-        outputs = inception_fn(images)
-        progress[0].update(min(progress[0].count + len(images), progress[0].total))  # the last batch is padded
-        return outputs
-
-    return counted
-
-
 def evaluate_fid(config, workdir: str) -> dict:
     """Mode 'fid': FID of the samples of sample mode against the train and the eval split (and the Inception
     Score when the weights have the logits layer).
@@ -713,10 +698,9 @@ def evaluate_fid(config, workdir: str) -> dict:
         stats_path, key = reference_stats_file(config, workdir, split, weights_sha256)
         batches = functools.partial(data.eval_batches, config, split, batch_size, process_index=0, process_count=1,
                                     num_images=num_reference)  # not called when the cache is valid
-        reference = fid_lib.cached_reference_statistics(
-            stats_path, batches, _counting(inception_fn, f'Inception on the {split} split', functools.partial(
-                _split_size, config, split, num_reference)),
-            key=key, write_cache=write)
+        counted_fn = progress_lib.counting(inception_fn, f'Inception on the {split} split',
+                                           functools.partial(_split_size, config, split, num_reference))
+        reference = fid_lib.cached_reference_statistics(stats_path, batches, counted_fn, key=key, write_cache=write)
         result[f'fid_{role}'] = fid_lib.fid_from_stats(sample_stats, reference)
         result['reference'][role] = dict(split=split, num_images=reference[2], stats=stats_path)
         logging.info('FID against %s (%d images): %.4f', split, reference[2], result[f'fid_{role}'])

@@ -4,13 +4,13 @@ Config values can be overridden, e.g. `--config.training.batch_size=64`. On seve
 --coordinator_address/--num_processes/--process_id, or --distributed to read the cluster
 environment (TPU pods, SLURM, ...); every host runs the same command.
 """
-import logging as python_logging
 from typing import Callable, Dict
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
+
+from ddpm_jax import progress
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
                                           lock_config=True)
@@ -44,19 +44,12 @@ MODES: Dict[str, Callable] = {
 }
 
 
-class _QuietLibraries(python_logging.Filter):
-    """Keeps orbax's per-save INFO chatter out of the console (warnings and errors still show)."""
-
-    def filter(self, record: python_logging.LogRecord) -> bool:
-        return record.levelno >= python_logging.WARNING or '/orbax/' not in record.pathname
-
-
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     if _MODE.value not in MODES:
         raise app.UsageError(f'--mode={_MODE.value!r}; allowed: {sorted(MODES)}')
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    progress.quiet_libraries()
     if _COORDINATOR.value is not None or _NUM_PROCESSES.value is not None or _PROCESS_ID.value is not None \
             or _DISTRIBUTED.value:
         from ddpm_jax import parallel  # pylint: disable=g-import-not-at-top

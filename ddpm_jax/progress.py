@@ -1,4 +1,6 @@
-"""Progress lines for long loops: count, rate and ETA, logged at most every `every_seconds`.
+"""Console output: progress lines for long loops, and `quiet_libraries` for the CLIs.
+
+Progress lines for long loops: count, rate and ETA, logged at most every `every_seconds`.
 
     progress = Progress('sampling', total=num_steps, unit='steps')
     for ...:
@@ -15,6 +17,7 @@ and the ETA reads '?'. `exclude(seconds)` removes time spent on something else (
 from __future__ import annotations
 
 import collections
+import logging as python_logging
 import time
 from typing import Callable, Optional
 
@@ -117,3 +120,32 @@ class TimestepCounter:
     def __call__(self, t: int) -> None:
         done = len(self.timesteps) - int(np.searchsorted(self.timesteps, t, side='left'))
         self.progress.update(self.offset + done)
+
+
+def counting(batch_fn: Callable, what: str, total: Callable[[], int] | int | None, unit: str = 'images') -> Callable:
+    """batch_fn(batch, ...) that reports its progress in rows of its batches out of `total` (an int, or a
+    function called at the first batch only, so that nothing is computed when the pass never runs). The count is
+    capped at the total, as the last batch may be padded."""
+    progress = []
+
+    def counted(batch, *args, **kwargs):
+        if not progress:
+            progress.append(Progress(what, total() if callable(total) else total, unit=unit))
+        outputs = batch_fn(batch, *args, **kwargs)
+        count = progress[0].count + len(batch)
+        progress[0].update(count if progress[0].total is None else min(count, progress[0].total))
+        return outputs
+
+    return counted
+
+
+class _QuietLibraries(python_logging.Filter):
+    """Keeps orbax's per-save INFO chatter out of the console (warnings and errors still show)."""
+
+    def filter(self, record: python_logging.LogRecord) -> bool:
+        return record.levelno >= python_logging.WARNING or '/orbax/' not in record.pathname
+
+
+def quiet_libraries() -> None:
+    """Installs the filter on absl's log handler (call once in a CLI's main)."""
+    logging.get_absl_handler().addFilter(_QuietLibraries())
