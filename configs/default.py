@@ -79,6 +79,7 @@ def get_config() -> ml_collections.ConfigDict:
     sampling.sampler = 'ancestral'      # 'ancestral' (the paper's) | 'ddim'; later issues may add more
     sampling.num_steps = 0              # 0 = all T steps; fewer respaces the timesteps
     sampling.ddim_eta = 0.0
+    sampling.export_png = False         # also write every sample as <samples dir>/png/000000.png, ... (resumable)
 
     evaluation = config.eval = ml_collections.ConfigDict()
     evaluation.batch_size = 256

@@ -266,10 +266,28 @@ def generate_samples(config, out_dir: str, apply_fn: Callable, params, *, max_ba
     if complete and jax.process_index() == 0:
         samples = np.concatenate([np.load(batch_path(b))['samples'] for b in range(num_batches)])[:num_samples]
         _atomic_savez(result['path'], samples=samples)
+        if sampling.get('export_png', False):
+            result['png_dir'] = export_pngs(samples, os.path.join(out_dir, 'png'))
         grid_n = min(num_samples, 100)
         image_grid.save_image_grid(samples[:grid_n], os.path.join(out_dir, 'samples_grid.png'),
                                    num_columns=int(np.ceil(grid_n ** 0.5)), min_size=256)
     return result
+
+
+def export_pngs(samples: np.ndarray, folder: str) -> str:
+    """Writes samples (uint8 [N, H, W, C], C = 1 or 3) as folder/000000.png, 000001.png, ... (lossless, so each
+    reads back as samples[i]); files already there are kept (resumable), each is written under a temporary name
+    and renamed. Returns folder."""
+    os.makedirs(folder, exist_ok=True)
+    digits = max(6, len(str(len(samples) - 1)))
+    progress = progress_lib.Progress('PNG export', len(samples), unit='images')
+    for i, image in enumerate(samples):
+        path = os.path.join(folder, f'{i:0{digits}d}.png')
+        if not os.path.exists(path):
+            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path + '.tmp', format='PNG')
+            os.replace(path + '.tmp', path)
+        progress.update(i + 1)
+    return folder
 
 
 def samples_dir(config, workdir: str, step: int) -> str:
