@@ -62,4 +62,6 @@ def main(argv) -> None:
 
 if __name__ == '__main__':
     flags.mark_flags_as_required(['config', 'workdir'])
-    app.run(main)
+    import sys  # pylint: disable=g-import-not-at-top
+    from ddpm_jax import config_files  # pylint: disable=g-import-not-at-top
+    app.run(main, argv=config_files.resolve_config_argv(sys.argv))  # --config=ddpm_jax:cifar10
