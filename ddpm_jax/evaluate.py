@@ -200,14 +200,15 @@ def sampler_tag(config) -> str:
 
 
 def make_sample_batch_fn(config, apply_fn: Callable, mesh, *, quantize: bool = True,
-                         on_call: Callable[[int], None] | None = None) -> Callable:
+                         on_call: Callable[[int], None] | None = None, report_at=None) -> Callable:
     """The jitted sampler of sample mode: (params, rng) -> one global batch [B, H, W, C], split over the mesh.
 
     B = config.sampling.batch_size (a multiple of the mesh size); the sampler is samplers.make_sampler(config)
     and every network call sees its input batch constrained to the mesh's data sharding.
     quantize: True returns uint8 (image_grid.to_uint8, on device; what sample mode stores), False the float32
     x_0 in [-1, 1] (e.g. to check it for non-finite values). on_call: a host function called with the
-    timestep of every network call (`progress.report_from_device`; the samples are unchanged).
+    timestep of the network calls at the timesteps report_at (None: every call; see
+    `progress.report_from_device`; the samples are unchanged).
     """
     batch_size = int(config.sampling.batch_size)
     parallel.check_global_batch(batch_size, mesh)
@@ -218,7 +219,7 @@ def make_sample_batch_fn(config, apply_fn: Callable, mesh, *, quantize: bool = T
     def sample_batch(params, rng):
         model_fn = _constrained_model_fn(apply_fn, params, sharding)
         if on_call is not None:
-            model_fn = progress_lib.report_from_device(model_fn, on_call)
+            model_fn = progress_lib.report_from_device(model_fn, on_call, report_at)
         x = sample_fn(model_fn, shape, rng)
         return jax.lax.with_sharding_constraint(image_grid.to_uint8(x) if quantize else x, sharding)
 
@@ -254,7 +255,7 @@ def generate_samples(config, out_dir: str, apply_fn: Callable, params, *, max_ba
     timesteps = samplers.sampler_timesteps(config)
     counter = progress_lib.TimestepCounter(timesteps, progress_lib.Progress(
         f'sampling {len(todo)} batches of {batch_size}', len(todo) * len(timesteps), unit='steps'))
-    sample_batch = make_sample_batch_fn(config, apply_fn, mesh, on_call=counter)
+    sample_batch = make_sample_batch_fn(config, apply_fn, mesh, on_call=counter, report_at=counter.report_timesteps())
     for i, b in enumerate(todo):
         counter.offset = i * len(timesteps)
         images = parallel.to_host(sample_batch(params, jax.random.fold_in(base_key, b)))
@@ -332,7 +333,8 @@ def nll_batches(config, out_dir: str, apply_fn: Callable, params, split: str, *,
 
     @jax.jit
     def bpd_batch(params, x, rng):
-        model_fn = progress_lib.report_from_device(_constrained_model_fn(apply_fn, params, sharding), counter)
+        model_fn = progress_lib.report_from_device(_constrained_model_fn(apply_fn, params, sharding), counter,
+                                                   counter.report_timesteps())
         out = likelihood.calc_bpd_loop(d, model_fn, x, rng, clip_denoised=clip)
         return {k: jax.lax.with_sharding_constraint(v, sharding) for k, v in out.items()}
 

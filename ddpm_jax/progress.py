@@ -22,6 +22,7 @@ import time
 from typing import Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -89,19 +90,29 @@ class Progress:
         self.update(self.count + amount)
 
 
-def report_from_device(model_fn: Callable, on_call: Callable[[int], None]) -> Callable:
-    """model_fn (x, t) -> output that also calls the host function on_call(int t[0]) at every call.
+def report_from_device(model_fn: Callable, on_call: Callable[[int], None], report_at=None) -> Callable:
+    """model_fn (x, t) -> output that also calls the host function on_call(int t[0]) at its calls.
 
-    The callback is unordered and returns nothing, so it changes no value that the traced computation
-    produces. When the batch is split over several devices it may run once per device for a call:
-    `on_call` must tolerate repeats (e.g. map t to a count and use `Progress.update`, which ignores counts
-    that do not grow).
+    report_at: None (every call) or the timesteps (ints >= 0) at which to report; the other calls skip the
+    callback (a lax.cond), which keeps the host round trips of a long loop to a few. The callback is unordered
+    and returns nothing, so it changes no value that the traced computation produces. When the batch is split
+    over several devices it may run once per device for a call: `on_call` must tolerate repeats (e.g. map t
+    to a count and use `Progress.update`, which ignores counts that do not grow).
     """
     def host(t):
         on_call(int(np.asarray(t)))
 
+    if report_at is not None:
+        report_at = np.asarray(report_at, np.int64)
+        table = np.zeros(int(report_at.max()) + 1, bool)
+        table[report_at] = True
+
     def wrapped(x, t):
-        jax.debug.callback(host, t[0])
+        if report_at is None:
+            jax.debug.callback(host, t[0])
+        else:
+            due = jnp.asarray(table).at[t[0]].get(mode='fill', fill_value=False)
+            jax.lax.cond(due, lambda s: jax.debug.callback(host, s), lambda s: None, t[0])
         return model_fn(x, t)
 
     return wrapped
@@ -116,6 +127,11 @@ class TimestepCounter:
         self.timesteps = np.sort(np.asarray(timesteps))
         self.progress = progress
         self.offset = 0
+
+    def report_timesteps(self, max_reports: int = 100) -> np.ndarray:
+        """At most about max_reports of the timesteps, evenly spread, always with the loop's last one (the
+        smallest), for `report_from_device(..., report_at=...)`."""
+        return self.timesteps[::max(1, -(-len(self.timesteps) // max_reports))]
 
     def __call__(self, t: int) -> None:
         done = len(self.timesteps) - int(np.searchsorted(self.timesteps, t, side='left'))

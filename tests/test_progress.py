@@ -60,3 +60,17 @@ def test_report_from_device_counts_steps_and_keeps_results():
     jax.effects_barrier()
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert seen == [1, 2, 3, 4, 5] and p.count == 5
+
+
+def test_report_at_limits_the_callbacks_and_keeps_the_last_step():
+    clock = _Clock()
+    p = progress.Progress('loop', 1000, every_seconds=1e9, clock=clock)
+    counter = progress.TimestepCounter(np.arange(1000), p)
+    report_at = counter.report_timesteps(100)
+    assert len(report_at) == 100 and report_at[0] == 0
+    calls = []
+    wrapped = progress.report_from_device(lambda x, t: x + 1.0, lambda t: (calls.append(t), counter(t)), report_at)
+    run = jax.jit(lambda x: jax.lax.fori_loop(0, 1000, lambda i, x: wrapped(x, jnp.full((2,), 999 - i)), x))
+    np.testing.assert_array_equal(np.asarray(run(jnp.zeros(2))), np.full(2, 1000.0))
+    jax.effects_barrier()
+    assert sorted(calls) == sorted(report_at.tolist()) and p.count == 1000
