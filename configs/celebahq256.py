@@ -47,6 +47,7 @@ def get_config():
     optim.warmup_steps = 5000
     optim.grad_clip = 1.0
     optim.ema_decay = 0.9999
+    optim.ema_warmup = False        # official: no warm-up
 
     config.training.batch_size = 64
     config.training.num_train_steps = 500_000

@@ -59,6 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
     optim.warmup_steps = 5000
     optim.grad_clip = 1.0               # global norm; 0 disables clipping
     optim.ema_decay = 0.9999
+    optim.ema_warmup = False            # True: decay min(ema_decay, (1 + n) / (10 + n)) after n steps (not official)
 
     training = config.training = ml_collections.ConfigDict()
     training.batch_size = 128           # global batch over all devices and hosts
@@ -86,11 +87,13 @@ def get_config() -> ml_collections.ConfigDict:
     sampling.ode_solver = 'adaptive'    # 'adaptive' (diffrax Dopri5) | 'heun' (num_steps fixed steps)
     sampling.ode_rtol = 1e-5
     sampling.ode_atol = 1e-5
+    sampling.export_png = False         # also write every sample as <samples dir>/png/000000.png, ... (resumable)
 
     evaluation = config.eval = ml_collections.ConfigDict()
     evaluation.batch_size = 256
     evaluation.num_images = 0           # 0 = the whole split
     evaluation.checkpoint_step = -1     # -1 = latest
+    evaluation.use_ema = True           # False: evaluate the raw params of a training checkpoint (tagged 'raw')
     evaluation.split = ''               # '' = data.eval_split
     evaluation.likelihood = 'bound'     # 'bound' (the paper's, nll.json) | 'ode' (probability-flow ODE, nll_ode.json)
     # ODE divergence: 'hutchinson_rademacher' | 'hutchinson_gaussian' (num_probes JVPs) | 'exact' (D JVPs)

@@ -40,9 +40,13 @@ KIND_PARAMS_ONLY = 'params_only'
 
 # Config entries a checkpoint is tied to: the params' shapes and meaning depend on them.
 _COMPATIBILITY_KEYS = ('model', 'diffusion', 'data.image_size', 'data.channels')
-# How the model computes, not what its parameters mean: may differ between the run that wrote a checkpoint and
-# the one that reads it (e.g. train in float32, sample in bfloat16 with cuDNN attention).
-_COMPUTE_SWITCHES = ('model.dtype', 'model.attention', 'model.remat', 'model.fast_variance')
+# Entries under those keys that may differ between the run that wrote a checkpoint and the one that reads it:
+# how the model computes (e.g. train in float32, sample in bfloat16 with cuDNN attention), and choices that
+# change neither the params nor what the network predicts (the loss trains the same output; dropout is off at
+# evaluation). model_var_type may change among the fixed variances (paper Table 2 samples one model with both).
+_COMPUTE_SWITCHES = ('model.dtype', 'model.attention', 'model.remat', 'model.fast_variance', 'model.dropout',
+                     'diffusion.loss_type', 'diffusion.hybrid_lambda')
+_FIXED_VAR_TYPES = ('fixedsmall', 'fixedlarge')
 
 
 # Seconds to wait before each retry of a checkpoint read that failed with a transient I/O error.
@@ -179,12 +183,15 @@ def _flatten(value: Any, prefix: str) -> dict:
 
 def check_compatible(saved_config: dict, config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming every config entry that makes a checkpoint unusable with `config`: the model,
-    diffusion and image-shape entries, except the compute switches (`_COMPUTE_SWITCHES`)."""
+    diffusion and image-shape entries, except the compute switches and evaluation-time choices
+    (`_COMPUTE_SWITCHES`) and a change between the fixed variance types."""
     saved, current = _config_dict(saved_config), _config_dict(config)
     differing = []
     for key in _COMPATIBILITY_KEYS:
         old, new = _flatten(_select(saved, key), key), _flatten(_select(current, key), key)
         for name in sorted((set(old) | set(new)) - set(_COMPUTE_SWITCHES)):
+            if name == 'diffusion.model_var_type' and {old.get(name), new.get(name)} <= set(_FIXED_VAR_TYPES):
+                continue
             if old.get(name) != new.get(name):
                 differing.append(f'{name}: checkpoint {old.get(name)!r} vs config {new.get(name)!r}')
     if differing:
@@ -502,3 +509,35 @@ def remove_unfinished_saves(workdir: str, timeout_s: float = 60.0) -> list:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
+def restore_eval_params(workdir: str, config: ml_collections.ConfigDict, step: Optional[int] = None,
+                        use_ema: bool = True) -> tuple:
+    """(params, step) for evaluation: the EMA params (`restore_ema_params`), or with use_ema=False the raw
+    params of a training checkpoint's train_state item, replicated over all devices.
+
+    ValueError when use_ema=False and the checkpoint is params-only (converted weights hold no raw params).
+    """
+    if use_ema:
+        return restore_ema_params(workdir, config, step)
+    from ddpm_jax import train  # pylint: disable=g-import-not-at-top  (train imports this module)
+    if not os.path.isdir(checkpoint_dir(workdir)):
+        raise CheckpointNotFoundError(f'no checkpoints directory {checkpoint_dir(workdir)}; train first.')
+    mesh = parallel.make_mesh()
+    state = train.create_train_state(config, mesh, abstract=True)
+    target = _abstract(dict(step=state.step, params=state.params, opt_state=state.opt_state),
+                       parallel.replicated_sharding(mesh))
+    manager = make_manager(workdir, read_only=True)
+    try:
+        chosen = step if step is not None else manager.latest_step()
+        if chosen is not None and chosen in manager.all_steps():
+            meta = _read_meta(manager, chosen)
+            if ITEM_STATE not in meta['checksums']:
+                raise IncompatibleCheckpointError(
+                    f'eval.use_ema=False needs the raw params of a training checkpoint, but step {chosen} in '
+                    f'{checkpoint_dir(workdir)} is a {meta.get("kind")!r} checkpoint (e.g. converted weights) that '
+                    'holds only one set of params; use --config.eval.use_ema=True.')
+        restored = _restore_with_fallback(workdir, manager, config, {ITEM_STATE: target}, step, quarantine=False)
+    finally:
+        manager.close()
+    if restored is None:
+        raise CheckpointNotFoundError(f'no checkpoint in {checkpoint_dir(workdir)}')
+    return restored[ITEM_STATE]['params'], int(restored['meta']['step'])

@@ -1,5 +1,9 @@
 """Loading config files (configs/*.py) by path, the way `--config=<file>` does.
 
+The experiment files of configs/ are also installed with the package (as ddpm_jax/configs/), so that after a
+plain `pip install` they are named `--config=ddpm_jax:cifar10` (`resolve_config_path`); main.py and convert.py
+rewrite that form into the installed file's path before the flags are parsed.
+
 Config files are plain Python files with a `get_config()` returning an `ml_collections.ConfigDict`;
 they are not a package, so one config builds on another by loading it by path:
 
@@ -10,8 +14,47 @@ they are not a package, so one config builds on another by loading it by path:
 """
 import importlib.util
 import os
+from typing import Sequence
 
 import ml_collections
+
+PACKAGED_PREFIX = 'ddpm_jax:'
+
+
+def packaged_configs_dir() -> str:
+    """The folder of the experiment configs: ddpm_jax/configs of an installed package, or configs/ beside the
+    package in a source checkout."""
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    for candidate in (os.path.join(package_dir, 'configs'), os.path.join(os.path.dirname(package_dir), 'configs')):
+        if os.path.isfile(os.path.join(candidate, 'default.py')):
+            return candidate
+    raise FileNotFoundError(f'no configs folder (with default.py) in {package_dir} or beside it; reinstall ddpm_jax')
+
+
+def resolve_config_path(value: str) -> str:
+    """'ddpm_jax:NAME' (NAME or NAME.py of the packaged configs, e.g. 'ddpm_jax:cifar10') -> that file's path;
+    anything else is returned unchanged (a path, as `--config` takes)."""
+    if not value.startswith(PACKAGED_PREFIX):
+        return value
+    name = value[len(PACKAGED_PREFIX):]
+    folder = packaged_configs_dir()
+    path = os.path.join(folder, name if name.endswith('.py') else name + '.py')
+    if not os.path.isfile(path):
+        available = sorted(f'{PACKAGED_PREFIX}{f[:-3]}' for f in os.listdir(folder) if f.endswith('.py')
+                           and not f.startswith('_'))
+        raise FileNotFoundError(f'--config={value}: no such packaged config; available: {", ".join(available)}')
+    return path
+
+
+def resolve_config_argv(argv: Sequence[str]) -> list:
+    """argv with every `--config=ddpm_jax:NAME` (or `--config ddpm_jax:NAME`) replaced by the file's path."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg.startswith('--config=') and arg[len('--config='):].startswith(PACKAGED_PREFIX):
+            out[i] = '--config=' + resolve_config_path(arg[len('--config='):])
+        elif i > 0 and out[i - 1] == '--config' and arg.startswith(PACKAGED_PREFIX):
+            out[i] = resolve_config_path(arg)
+    return out
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:

@@ -346,8 +346,10 @@ def main(argv):
     from absl import flags, logging
 
     from ddpm_jax.checkpoint import save_params_only
+    from ddpm_jax.progress import quiet_libraries
     if len(argv) > 1:
         raise ValueError(f'unexpected arguments {argv[1:]}')
+    quiet_libraries()
     FLAGS = flags.FLAGS
     params, step = convert(FLAGS.source, FLAGS.config, use_ema=FLAGS.use_ema)
     step = step if FLAGS.step < 0 else FLAGS.step
@@ -366,4 +368,6 @@ if __name__ == '__main__':
     flags.DEFINE_bool('use_ema', True, 'take the EMA shadow weights of a TF checkpoint when present')
     flags.DEFINE_integer('step', -1, 'step to record; -1: the checkpoint global_step (TF) or 0 (diffusers)')
     flags.mark_flags_as_required(['source', 'config', 'workdir'])
-    app.run(main)
+    import sys
+    from ddpm_jax import config_files
+    app.run(main, argv=config_files.resolve_config_argv(sys.argv))  # --config=ddpm_jax:cifar10

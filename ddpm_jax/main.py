@@ -8,7 +8,6 @@ Errors caused by the input or the environment (ddpm_jax.errors.UserError) print 
 traceback goes to workdir/errors.log (and to the console with --verbose). Ctrl-C exits 130.
 """
 import datetime
-import logging as python_logging
 import os
 import sys
 import traceback
@@ -16,10 +15,10 @@ from typing import Callable, Dict
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from ddpm_jax.errors import UserError
+from ddpm_jax import progress
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
                                           lock_config=True)
@@ -55,13 +54,6 @@ MODES: Dict[str, Callable] = {
     **{name: _evaluation_mode(name)
        for name in ('sample', 'eval', 'fid', 'rate_distortion', 'progressive', 'shared_xt', 'interpolate')},
 }
-
-
-class _QuietLibraries(python_logging.Filter):
-    """Keeps orbax's per-save INFO chatter out of the console (warnings and errors still show)."""
-
-    def filter(self, record: python_logging.LogRecord) -> bool:
-        return record.levelno >= python_logging.WARNING or '/orbax/' not in record.pathname
 
 
 def _ignore_event_loop_noise(default_hook: Callable) -> Callable:
@@ -100,7 +92,7 @@ def main(argv) -> None:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     if _MODE.value not in MODES:
         raise app.UsageError(f'--mode={_MODE.value!r}; allowed: {sorted(MODES)}')
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    progress.quiet_libraries()
     sys.unraisablehook = _ignore_event_loop_noise(sys.unraisablehook)
     if _COORDINATOR.value is not None or _NUM_PROCESSES.value is not None or _PROCESS_ID.value is not None \
             or _DISTRIBUTED.value:
@@ -123,4 +115,6 @@ def main(argv) -> None:
 
 if __name__ == '__main__':
     flags.mark_flags_as_required(['config', 'workdir'])
-    app.run(main)
+    import sys  # pylint: disable=g-import-not-at-top
+    from ddpm_jax import config_files  # pylint: disable=g-import-not-at-top
+    app.run(main, argv=config_files.resolve_config_argv(sys.argv))  # --config=ddpm_jax:cifar10

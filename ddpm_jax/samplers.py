@@ -19,6 +19,17 @@ network called with the ORIGINAL timestep indices (the respaced loops map their 
   eta = 0 is deterministic; eta = 1 has the posterior variance beta~ and the posterior mean, i.e. it is
   the ancestral sampler with fixedsmall variance.
 
+* `model_mean_type='xprev'` outside the full-T ancestral loop: the network predicts the posterior mean of
+  x_{s-1} on the FULL schedule at its own timestep s, not the mean of the next kept step. `xprev_as_xstart`
+  recovers x0 from it with the full schedule's coefficients (official diffusion_utils_2.py
+  `_predict_xstart_from_xprev`) and the respaced / DDIM step is then taken from that x0, exactly as for an
+  'xstart' model.
+* Schedules whose last alpha-bar is 0 (`jsd`, whose last beta is 1): x_T then carries no information about
+  x0, so an 'eps' model cannot give x0 at the last step (its coefficients are infinite) and sampling and the
+  bound would be NaN. `check_supported` refuses that pair; 'xstart' and 'xprev' models stay finite and exact.
+  `check_supported` also refuses the respaced ancestral sampler for `model_var_type='learned'` (the network's
+  log-variance is that of its one-step spacing).
+
 Every loop is one `lax.fori_loop`: jit the caller once and it compiles once per shape.
 Randomness follows `diffusion.p_sample_loop`: for a diffusion of S steps, x_T comes from
 `fold_in(rng, S)` and the noise of step k from `fold_in(rng, k)`, so DDIM with eta = 1 over all steps
@@ -82,6 +93,46 @@ def respace(betas: np.ndarray, num_steps: int, *, model_mean_type: str, model_va
                                      model_var_type=model_var_type, loss_type=loss_type,
                                      hybrid_lambda=hybrid_lambda)
     return d, jnp.asarray(timesteps, dtype=jnp.int32)
+
+
+def check_supported(model_mean_type: str, model_var_type: str, sampler: str, num_steps: int, betas) -> None:
+    """Raises ValueError (with the reason and the fix) for a (model, sampler, schedule) choice that would not
+    sample correctly; returns None for every exact one.
+
+    model_mean_type, model_var_type: config.diffusion's; sampler: one of SAMPLERS (or any other name, which
+    only the schedule check applies to); num_steps: sampler steps (0 = all T); betas: float [T] of the schedule.
+    Refused: an 'eps' model on a schedule whose last alpha-bar is 0 (jsd), for sampling and the NLL bound
+    (x0 = (x_T - sqrt(1 - abar) eps) / sqrt(abar) is 0/0 there), and the respaced ancestral sampler with
+    model_var_type 'learned'.
+    """
+    betas = np.asarray(betas, np.float64)
+    num_timesteps = len(betas)
+    if model_mean_type == 'eps' and np.cumprod(1.0 - betas)[-1] <= 0.0:
+        raise ValueError(
+            'the beta schedule ends with alpha_bar = 0 (e.g. jsd, whose last beta is 1): there x_T is pure noise, '
+            "so an 'eps' model cannot predict x0 at the last step and sampling and the NLL would be NaN; use "
+            "model_mean_type='xstart' or 'xprev' with this schedule, or a schedule with beta < 1 (linear, cosine)")
+    respaced = 0 < num_steps < num_timesteps
+    if sampler == 'ancestral' and respaced and model_var_type == 'learned':
+        raise ValueError(
+            f"model_var_type='learned' predicts the log-variance of one step of the T={num_timesteps} schedule, "
+            f'not of a respaced step (num_steps={num_steps}); sample with all steps (num_steps=0), with '
+            "sampler='ddim' (which does not use the variance), or train a 'learned_range' model")
+
+
+def xprev_as_xstart(d_full, model_fn: ModelFn) -> ModelFn:
+    """An 'xprev' model turned into an 'xstart' one: x0 = (xprev - coef2_t x_t) / coef1_t on the full schedule.
+
+    d_full: the T-step diffusion the model was trained on; model_fn(x, t) is called with ORIGINAL timesteps
+    and returns the xprev prediction [B,H,W,C] (plus C variance channels for learned variances, kept as they
+    are). Returns model_fn with the same signature whose mean channels are the x0 prediction (unclipped).
+    """
+    def xstart_fn(x, t):
+        output = model_fn(x, t)
+        channels = x.shape[-1]
+        xstart = diffusion_lib.predict_xstart_from_xprev(d_full, x, t, output[..., :channels])
+        return jnp.concatenate([xstart, output[..., channels:]], axis=-1)
+    return xstart_fn
 
 
 def _mapped_model_fn(model_fn: ModelFn, timestep_map: jax.Array | None) -> ModelFn:
@@ -173,7 +224,9 @@ def make_sampler(config, *, return_nfe=False):
     Langevin steps at target snr, `score.pc_sample_loop`), 'langevin' (annealed Langevin, n_corrector_steps
     per level, `score.annealed_langevin_sample_loop`) or 'ode' (the probability-flow ODE,
     `score.ode_sample`, ode_solver 'adaptive' with ode_rtol / ode_atol or 'heun' with num_steps steps);
-    num_steps: 0 = all T steps. The returned function is traceable (jit its caller).
+    num_steps: 0 = all T steps. Refuses what `check_supported` refuses; an 'xprev' model runs as an 'xstart'
+    one through `xprev_as_xstart` except on the paper's full-T ancestral loop and the ODE (whose score converts
+    xprev directly). The returned function is traceable (jit its caller).
     """
     sampling, dcfg = config.sampling, config.diffusion
     if sampling.sampler not in SAMPLERS:
@@ -181,9 +234,9 @@ def make_sampler(config, *, return_nfe=False):
     betas = schedules.get_beta_schedule(dcfg.beta_schedule, beta_start=dcfg.beta_start, beta_end=dcfg.beta_end,
                                         num_diffusion_timesteps=dcfg.num_diffusion_timesteps)
     num_steps = sampling.num_steps or dcfg.num_diffusion_timesteps
+    check_supported(dcfg.model_mean_type, dcfg.model_var_type, sampling.sampler, num_steps, betas)
     clip = bool(sampling.clip_denoised)
     d_full = diffusion_lib.diffusion_from_config(config)
-
     def with_nfe(sample_fn, nfe):
         if not return_nfe:
             return sample_fn
@@ -198,21 +251,34 @@ def make_sampler(config, *, return_nfe=False):
     if sampling.sampler == 'ancestral' and num_steps == dcfg.num_diffusion_timesteps:
         return with_nfe(lambda model_fn, shape, rng: diffusion_lib.p_sample_loop(
             d_full, model_fn, tuple(shape), rng, clip_denoised=clip), num_steps)
-    d, timestep_map = respace(betas, num_steps, model_mean_type=dcfg.model_mean_type,
+    # An xprev output is the mean of the next step of the full schedule, not of a respaced one: such models
+    # run as xstart models (x0 recovered on the full schedule) everywhere below.
+    mean_type = 'xstart' if dcfg.model_mean_type == 'xprev' else dcfg.model_mean_type
+    wrap = (lambda model_fn: xprev_as_xstart(d_full, model_fn)) if dcfg.model_mean_type == 'xprev' else (
+        lambda model_fn: model_fn)
+    d, timestep_map = respace(betas, num_steps, model_mean_type=mean_type,
                               model_var_type=dcfg.model_var_type, loss_type=dcfg.loss_type,
                               hybrid_lambda=dcfg.hybrid_lambda)
     if sampling.sampler == 'ancestral':
         return with_nfe(lambda model_fn, shape, rng: ancestral_sample_loop(
-            d, model_fn, shape, rng, timestep_map=timestep_map, clip_denoised=clip), num_steps)
+            d, wrap(model_fn), shape, rng, timestep_map=timestep_map, clip_denoised=clip), num_steps)
     if sampling.sampler in ('pc', 'langevin'):
+        d_score = diffusion_lib.make_diffusion(betas, model_mean_type=mean_type, model_var_type=dcfg.model_var_type,
+                                               loss_type=dcfg.loss_type, hybrid_lambda=dcfg.hybrid_lambda)
         snr, n_corrector = float(sampling.snr), int(sampling.n_corrector_steps)
         if sampling.sampler == 'pc':
             return with_nfe(lambda model_fn, shape, rng: score.pc_sample_loop(
-                d_full, d, model_fn, shape, rng, timestep_map=timestep_map, snr=snr, n_corrector_steps=n_corrector,
-                clip_denoised=clip), num_steps * (1 + n_corrector))
+                d_score, d, wrap(model_fn), shape, rng, timestep_map=timestep_map, snr=snr,
+                n_corrector_steps=n_corrector, clip_denoised=clip), num_steps * (1 + n_corrector))
         return with_nfe(lambda model_fn, shape, rng: score.annealed_langevin_sample_loop(
-            d_full, d, model_fn, shape, rng, timestep_map=timestep_map, snr=snr, n_steps=n_corrector,
+            d_score, d, wrap(model_fn), shape, rng, timestep_map=timestep_map, snr=snr, n_steps=n_corrector,
             clip_denoised=clip), num_steps * n_corrector + 1)
     eta = float(sampling.ddim_eta)
     return with_nfe(lambda model_fn, shape, rng: ddim_sample_loop(
-        d, model_fn, shape, rng, timestep_map=timestep_map, eta=eta, clip_denoised=clip), num_steps)
+        d, wrap(model_fn), shape, rng, timestep_map=timestep_map, eta=eta, clip_denoised=clip), num_steps)
+
+
+def sampler_timesteps(config) -> np.ndarray:
+    """The original timesteps (int64, ascending) at which the sampler config.sampling selects calls the model."""
+    dcfg = config.diffusion
+    return respaced_timesteps(dcfg.num_diffusion_timesteps, config.sampling.num_steps or dcfg.num_diffusion_timesteps)

@@ -38,6 +38,7 @@ from ddpm_jax import parallel
 from ddpm_jax import validation
 from ddpm_jax import workdir_lock
 from ddpm_jax.errors import UserError
+from ddpm_jax import progress as progress_lib
 from ddpm_jax.models import unet
 
 _INIT_STREAM, _EXAMPLE_STREAM, _DROPOUT_STREAM, _SAMPLE_STREAM = 0, 1, 2, 3
@@ -154,6 +155,7 @@ def _compiled_train_step(key: _CompileKey, mesh: jax.sharding.Mesh, donate_state
     optimizer = make_optimizer(config.optim)
     schedule = learning_rate_schedule(config.optim)
     ema_decay = float(config.optim.ema_decay)
+    ema_warmup = bool(config.optim.get('ema_warmup', False))
     num_timesteps = diffusion.num_timesteps
     example_stream = stream_key(config, _EXAMPLE_STREAM)
     dropout_stream = stream_key(config, _DROPOUT_STREAM)
@@ -179,8 +181,7 @@ def _compiled_train_step(key: _CompileKey, mesh: jax.sharding.Mesh, donate_state
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
         with jax.named_scope('ema'):
-            # Official EMA: decay 0 at the first step (the shadow becomes the params), then ema_decay.
-            decay = jnp.where(state.step == 0, 0.0, ema_decay).astype(jnp.float32)
+            decay = ema_decay_at(state.step, ema_decay, ema_warmup)
             ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
         metrics = dict(loss=loss.astype(jnp.float32), grad_norm=optax.tree.norm(grads).astype(jnp.float32),
                        lr=jnp.asarray(schedule(state.step), jnp.float32))
@@ -195,6 +196,21 @@ def _compiled_train_step(key: _CompileKey, mesh: jax.sharding.Mesh, donate_state
     sharded = jax.shard_map(device_steps, mesh=mesh, in_specs=(P(), P(None, parallel.DATA_AXIS)),
                             out_specs=(P(), P()))
     return jax.jit(sharded, donate_argnums=0 if donate_state else ())
+
+
+def ema_decay_at(step: jax.Array, ema_decay: float, warmup: bool) -> jax.Array:
+    """The EMA decay of the update after `step` steps (int scalar): float32 scalar.
+
+    Official (diffusion_tf/utils.py): 0 at the first step (the shadow becomes the params), then ema_decay.
+    warmup=True: 0 at the first step, then min(ema_decay, (1 + step) / (10 + step)) (the warm-up of TF's
+    ExponentialMovingAverage with num_updates), so that after n steps the initialisation's weight is ~0 instead of
+    ema_decay^n (0.999^1500 = 22% for the digits default).
+    """
+    decay = jnp.asarray(ema_decay, jnp.float32)
+    if warmup:
+        step_f = jnp.asarray(step, jnp.float32)
+        decay = jnp.minimum(decay, (1.0 + step_f) / (10.0 + step_f))
+    return jnp.where(step == 0, 0.0, decay).astype(jnp.float32)
 
 
 def make_grid_sampler(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, num_samples: int) -> Callable:
@@ -416,6 +432,8 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
         writer = SummaryWriter(os.path.join(workdir, 'tensorboard'))
     metric_log = _MetricLog()
     log_time, log_step = time.time(), step
+    # The ETA's rate starts at the first log point after (re)start, so compilation never enters it.
+    eta = progress_lib.Progress('train', num_steps, window=10)
 
     saving = None  # the step of the last save started and not yet known to have completed
 
@@ -455,6 +473,7 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
             image_grid.save_image_grid(samples, path, scale=max(1, 64 // config.data.image_size))
             logging.info('Wrote %s', path)
         log_time += time.time() - started  # keep sampling out of the training throughput
+        eta.exclude(time.time() - started)
 
     try:
         with _StopRequest() as stop:
@@ -480,11 +499,13 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
                         now = time.time()
                         steps_per_second = (step - log_step) / max(now - log_time, 1e-9)
                         log_time, log_step = now, step
+                        eta.update(step, log=False)
+                        eta_seconds = eta.eta_seconds()
                         logging.info('step %d/%d | loss %.5f | grad_norm %.4f | lr %.3g | %.2f steps/s | '
                                      '%.1f img/s | ETA %s', step, num_steps, values['loss'].mean(),
                                      values['grad_norm'].mean(), values['lr'][-1], steps_per_second,
                                      steps_per_second * training.batch_size,
-                                     _format_duration((num_steps - step) / max(steps_per_second, 1e-9)))
+                                     '?' if eta_seconds is None else progress_lib.format_duration(eta_seconds))
                 stopping = stop.should_stop(manager, range(step - count + 1, step + 1))
                 if step % training.checkpoint_every_steps == 0 or step == num_steps or stopping:
                     save()
@@ -504,10 +525,11 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
 
 
 def _write_scalars(writer, values: dict) -> None:
-    """Writes the mean of each metric over the fetched steps at the last of them."""
+    """Writes the mean of each metric over the fetched steps at the number of steps done after the last of them
+    (the console's step count: values['step'] holds the 0-based index of each step)."""
     if writer is None:
         return
-    step = int(values['step'][-1])
+    step = int(values['step'][-1]) + 1
     for name in ('loss', 'grad_norm', 'lr'):
         writer.add_scalar(f'train/{name}', float(np.mean(values[name])), step)
     writer.flush()

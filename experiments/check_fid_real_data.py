@@ -39,9 +39,10 @@ from typing import Dict, Iterator, List, Tuple
 
 import jax
 import numpy as np
+from absl import logging
 from PIL import Image
 
-from ddpm_jax import fid
+from ddpm_jax import fid, progress
 from ddpm_jax.models import inception
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,6 +122,7 @@ def batches(images: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
 
 
 def main() -> None:
+    logging.set_verbosity(logging.INFO)  # the Inception passes' progress lines
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--data_dir', default='../shared/data',
                         help='folder with cifar10_lossless_4000/ and cifar10_jpeg_train.tar.gz; a relative '
@@ -164,7 +166,8 @@ def main() -> None:
     statistics, extract_seconds = {}, {}
     for name, images in image_sets.items():
         set_start = time.time()
-        statistics[name] = fid.compute_statistics(batches(images, args.batch_size), inception_fn)
+        statistics[name] = fid.compute_statistics(batches(images, args.batch_size), progress.counting(
+            inception_fn, f'Inception on {name}', images.shape[0]))
         extract_seconds[name] = round(time.time() - set_start, 1)
         print(f'{name}: {statistics[name][2]} images, {extract_seconds[name]:.0f} s')
 

@@ -41,6 +41,7 @@ def tiny_config(**overrides):
     config.optim.lr = 1e-4
     config.optim.warmup_steps = 2
     config.optim.ema_decay = 0.75
+    config.optim.ema_warmup = False     # the official EMA rule (digits.py turns the warm-up on)
     config.training.batch_size = 8
     config.training.num_train_steps = 2
     config.training.log_every_steps = 1

@@ -229,6 +229,16 @@ def test_incompatible_config_is_refused_naming_the_keys(tmp_path, config, mesh):
     saved = multihost_worker.tiny_config().to_dict()
     del saved['model']['fast_variance']
     checkpoint.check_compatible(saved, switched)
+    # Evaluation-time choices: another fixed variance, loss or dropout; a learned variance changes the params.
+    saved = multihost_worker.tiny_config().to_dict()
+    assert saved['diffusion']['model_var_type'] == 'fixedlarge'
+    checkpoint.check_compatible(saved, multihost_worker.tiny_config(**{
+        'diffusion.model_var_type': 'fixedsmall', 'diffusion.loss_type': 'kl', 'model.dropout': 0.3,
+        'diffusion.hybrid_lambda': 0.5}))
+    for key, value in (('diffusion.model_var_type', 'learned_range'), ('diffusion.model_mean_type', 'xstart'),
+                       ('diffusion.beta_end', 0.03), ('data.channels', 3)):
+        with pytest.raises(ValueError, match=key.replace('.', r'\.')):
+            checkpoint.check_compatible(saved, multihost_worker.tiny_config(**{key: value}))
 
 
 def test_params_only_checkpoint_and_restore_ema_params(tmp_path, config, mesh):

@@ -14,7 +14,7 @@ CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 # Paper / official-script values (SPEC.md sections 1 and 5).
 COMMON = dict(beta_schedule='linear', beta_start=1e-4, beta_end=0.02, num_diffusion_timesteps=1000,
               model_mean_type='eps', loss_type='mse', warmup_steps=5000, grad_clip=1.0, ema_decay=0.9999,
-              num_res_blocks=2, attn_resolutions=(16,))
+              ema_warmup=False, num_res_blocks=2, attn_resolutions=(16,))
 CIFAR = dict(name='cifar10', tfds_name='cifar10', image_size=32, random_flip=True, ch=128, ch_mult=(1, 2, 2, 2),
              dropout=0.1, model_var_type='fixedlarge', lr=2e-4, batch_size=128, num_train_steps=800_000)
 HQ = dict(image_size=256, ch=128, ch_mult=(1, 1, 2, 2, 4, 4), dropout=0.0, model_var_type='fixedsmall',
@@ -44,7 +44,7 @@ def _flat_values(config):
         num_diffusion_timesteps=config.diffusion.num_diffusion_timesteps,
         model_mean_type=config.diffusion.model_mean_type, model_var_type=config.diffusion.model_var_type,
         loss_type=config.diffusion.loss_type, lr=config.optim.lr, warmup_steps=config.optim.warmup_steps,
-        grad_clip=config.optim.grad_clip, ema_decay=config.optim.ema_decay,
+        grad_clip=config.optim.grad_clip, ema_decay=config.optim.ema_decay, ema_warmup=config.optim.ema_warmup,
         batch_size=config.training.batch_size, num_train_steps=config.training.num_train_steps)
 
 
@@ -87,3 +87,41 @@ def test_configs_are_independent_copies():
     first = _load_with_config_flags(os.path.join(CONFIGS_DIR, 'lsun_bedroom256_large.py'))
     base = _load_with_config_flags(os.path.join(CONFIGS_DIR, 'lsun_bedroom256.py'))
     assert (first.model.ch, base.model.ch) == (192, 128)
+
+
+def test_packaged_config_names_resolve_to_the_config_files(tmp_path, monkeypatch):
+    from ddpm_jax import config_files
+    monkeypatch.chdir(tmp_path)
+    for file_name in ('digits.py', *sorted(EXPECTED)):
+        path = config_files.resolve_config_path('ddpm_jax:' + file_name[:-3])
+        assert os.path.samefile(path, os.path.join(CONFIGS_DIR, file_name))
+        assert _load_with_config_flags(path).to_dict() == _load_with_config_flags(
+            os.path.join(CONFIGS_DIR, file_name)).to_dict()
+    assert config_files.resolve_config_argv(['main', '--config=ddpm_jax:cifar10', '--config', 'ddpm_jax:digits',
+                                             '--workdir=w']) == [
+        'main', '--config=' + config_files.resolve_config_path('ddpm_jax:cifar10'), '--config',
+        config_files.resolve_config_path('ddpm_jax:digits'), '--workdir=w']
+    assert config_files.resolve_config_path('configs/cifar10.py') == 'configs/cifar10.py'
+    with pytest.raises(FileNotFoundError, match='available: .*ddpm_jax:cifar10'):
+        config_files.resolve_config_path('ddpm_jax:cifar11')
+
+
+def test_wheel_contains_the_configs(tmp_path):
+    """A non-editable install gets configs/ as ddpm_jax/configs (setup.cfg package_dir)."""
+    import glob
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+    pytest.importorskip('setuptools')
+    pytest.importorskip('wheel')
+    source = tmp_path / 'src'   # a copy, so that the build leaves nothing in the checkout
+    repo = os.path.dirname(CONFIGS_DIR)
+    shutil.copytree(repo, source, ignore=shutil.ignore_patterns('.git', 'build', '*.egg-info', '__pycache__',
+                                                                'workdirs', '.pytest_cache'))
+    subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q', str(source),
+                    '-w', str(tmp_path / 'wheel')], check=True, timeout=600, capture_output=True)
+    names = zipfile.ZipFile(glob.glob(str(tmp_path / 'wheel' / '*.whl'))[0]).namelist()
+    for file_name in ('default.py', 'digits.py', *EXPECTED):
+        assert f'ddpm_jax/configs/{file_name}' in names
+    assert 'ddpm_jax/models/unet.py' in names and 'ddpm_jax/progress.py' in names

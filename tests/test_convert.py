@@ -297,6 +297,7 @@ def test_cli_converts_safetensors_into_a_restorable_checkpoint(tmp_path):
     result = subprocess_helpers.run([sys.executable, '-m', 'ddpm_jax.convert', f'--source={source}',
                                      f'--config={config_file}', f'--workdir={workdir}'], cwd=repo_root, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert 'orbax' not in result.stderr and 'wrote' in result.stderr  # quiet like main: no orbax INFO lines
     params, step = restore_ema_params(str(workdir), tiny_config())
     assert step == 0
     got = convert.flax_to_official_tf(jax.tree.map(np.asarray, params))

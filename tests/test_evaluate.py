@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import subprocess_helpers
 
-from ddpm_jax import checkpoint, config_files, data, diffusion, evaluate, likelihood, samplers, train
+from ddpm_jax import checkpoint, config_files, data, diffusion, evaluate, likelihood, parallel, samplers, train
 from ddpm_jax.models import unet
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,7 +109,7 @@ def test_eval_nll_counts_every_image_and_equals_calc_bpd_loop(run):
     np.testing.assert_allclose(summary['distortion_L0_bpd'], reference['terms_bpd'][:, 0].mean(), rtol=1e-5)
     np.testing.assert_allclose(summary['rate_L1_to_LT_bpd'],
                                (reference['terms_bpd'][:, 1:].sum(1) + reference['prior_bpd']).mean(), rtol=1e-5)
-    out_dir = os.path.join(workdir, f'nll_test_step7_seed{config.seed}')
+    out_dir = os.path.join(workdir, f'nll_test_step7_fixedlarge_ema_seed{config.seed}')
     with open(os.path.join(out_dir, 'nll.json')) as f:
         assert json.load(f)['nll_bpd'] == summary['nll_bpd']
     assert len(glob.glob(os.path.join(out_dir, 'batch_*.npz'))) == 3
@@ -279,7 +279,8 @@ def _fid_config(config, weights_path, stats_dir):
     return config
 
 
-def test_fid_mode_matches_direct_computation_and_caches_references(run, inception_archive, tmp_path, monkeypatch):
+def test_fid_mode_matches_direct_computation_and_caches_references(run, inception_archive, tmp_path, monkeypatch,
+                                                                   caplog):
     from ddpm_jax import fid
     from ddpm_jax.models import inception
     base_config, workdir, _ = run
@@ -293,8 +294,12 @@ def test_fid_mode_matches_direct_computation_and_caches_references(run, inceptio
     reference_calls = []
     eval_batches = data.eval_batches
     monkeypatch.setattr(data, 'eval_batches', lambda *a, **k: reference_calls.append(a[1]) or eval_batches(*a, **k))
+    caplog.set_level('INFO')
     result = evaluate.MODES['fid'](config, workdir)
     assert sorted(reference_calls) == ['test', 'train']
+    for line in ('Inception on the samples: 20/20 images (100.0%)', 'Inception on the train split: 8/8 images',
+                 'Inception on the test split: 8/8 images'):  # progress lines of the Inception passes
+        assert line in caplog.text
     with open(os.path.join(os.path.dirname(samples_path), 'fid.json')) as f:
         written = json.load(f)
     assert written == result
@@ -402,3 +407,97 @@ def test_image_grid_to_uint8_on_device_and_host_and_grid_upscaling(tmp_path):
                                num_columns=3, scale=2)
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / 'sub' / 'b.png')),
                                   grid[..., 0].repeat(2, axis=0).repeat(2, axis=1))
+
+
+def test_use_ema_false_reads_the_raw_params_and_tags_the_output(tmp_path):
+    config = _tiny_config()
+    mesh = parallel.make_mesh()
+    raw, ema = _random_params(config), jax.tree.map(lambda p: p * 0.5, _random_params(config))
+    state = train.create_train_state(config, mesh).replace(params=parallel.replicate(raw, mesh),
+                                                           ema_params=parallel.replicate(ema, mesh))
+    workdir = str(tmp_path / 'trained')
+    manager = checkpoint.make_manager(workdir, config)
+    checkpoint.save_state(manager, state, config)
+    manager.wait_until_finished()
+    manager.close()
+    for use_ema, want in ((True, ema), (False, raw)):
+        config.eval.use_ema = use_ema
+        _, params, _ = evaluate.load_model(config, workdir)
+        for got, expected in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(np.asarray(got), expected)
+        assert evaluate.eval_tag(config) == ('fixedlarge_ema' if use_ema else 'fixedlarge_raw')
+    config.sampling.num_samples = 4
+    assert '_fixedlarge_raw_seed0' in evaluate.sample(config, workdir)['path']
+    # A params-only checkpoint (converted weights) has no raw params: a clear error.
+    converted = str(tmp_path / 'converted')
+    checkpoint.save_params_only(converted, ema, config, 5)
+    with pytest.raises(ValueError, match='use_ema=False needs the raw params.*use_ema=True'):
+        evaluate.load_model(config, converted)
+
+
+def test_fixedsmall_evaluation_of_a_fixedlarge_checkpoint(run):
+    config, workdir, _ = run
+    small = config.copy_and_resolve_references()
+    small.diffusion.model_var_type = 'fixedsmall'
+    small.diffusion.loss_type = 'kl'       # neither the loss nor dropout changes evaluation: both allowed
+    small.model.dropout = 0.2
+    large_result, small_result = evaluate.sample(config, workdir), evaluate.sample(small, workdir)
+    assert 'fixedlarge_ema' in large_result['path'] and 'fixedsmall_ema' in small_result['path']
+    large, small_samples = (np.load(r['path'])['samples'] for r in (large_result, small_result))
+    assert large.shape == small_samples.shape and np.mean(large != small_samples) > 0.5  # another variance
+    with open(os.path.join(os.path.dirname(small_result['path']), 'settings.json')) as f:
+        assert json.load(f)['model_var_type'] == 'fixedsmall'
+    nll_large = evaluate.evaluate_nll(config, workdir)['nll_bpd']
+    nll_small = evaluate.evaluate_nll(small, workdir)['nll_bpd']
+    assert np.isfinite(nll_small) and nll_small != nll_large
+
+
+def test_jsd_eps_evaluation_is_refused(run):
+    config, workdir, _ = run
+    jsd = config.copy_and_resolve_references()
+    jsd.diffusion.beta_schedule = 'jsd'
+    for mode in ('eval', 'progressive'):
+        with pytest.raises(ValueError, match='alpha_bar = 0'):
+            evaluate.MODES[mode](jsd, workdir)
+
+
+def test_every_mode_logs_progress_lines(run, tmp_path, caplog):
+    config, workdir, _ = run
+    config = config.copy_and_resolve_references()
+    config.eval.num_progressive, config.eval.num_shared, config.eval.num_lambdas = 1, 2, 2
+    workdir = _copy_checkpoints(workdir, tmp_path)
+    caplog.set_level('INFO')
+    want = {'sample': f'sampling 3 batches of {BATCH}: 30/30 steps (100.0%)',   # 10 samples, T = 10 steps each
+            'eval': f'NLL over 3 batches of {BATCH}: 30/30 steps (100.0%)',
+            'progressive': f'progressive: {T}/{T} steps (100.0%)',
+            'shared_xt': f'shared_xt: {4 * T}/{4 * T} steps (100.0%)',          # 4 rows of T model calls
+            'interpolate': 'interpolate: 24/24 steps (100.0%)'}                 # t = 1, 4, 6, 9: 2+5+7+10 steps
+    for mode, line in want.items():
+        caplog.clear()
+        evaluate.MODES[mode](config, workdir)
+        assert line in caplog.text, (mode, caplog.text[-2000:])
+        assert 'steps/s' in caplog.text and 'ETA' in caplog.text
+
+
+def test_export_png_round_trips_to_the_npz(run, tmp_path):
+    from PIL import Image
+    config, workdir, _ = run
+    config = config.copy_and_resolve_references()
+    config.sampling.export_png = True
+    result = evaluate.sample(config, _copy_checkpoints(workdir, tmp_path))
+    samples = np.load(result['path'])['samples']
+    names = sorted(os.listdir(result['png_dir']))
+    assert names == [f'{i:06d}.png' for i in range(10)]
+    for i, name in enumerate(names):
+        back = np.asarray(Image.open(os.path.join(result['png_dir'], name)))
+        np.testing.assert_array_equal(back.reshape(samples[i].shape), samples[i])
+    # Resumable: a missing file is written again, the others are kept as they are.
+    os.remove(os.path.join(result['png_dir'], '000003.png'))
+    before = os.stat(os.path.join(result['png_dir'], '000004.png')).st_mtime_ns
+    evaluate.sample(config, os.path.dirname(os.path.dirname(result['path'])))
+    assert os.path.exists(os.path.join(result['png_dir'], '000003.png'))
+    assert os.stat(os.path.join(result['png_dir'], '000004.png')).st_mtime_ns == before
+    rgb = np.random.default_rng(0).integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
+    folder = evaluate.export_pngs(rgb, str(tmp_path / 'rgb'))
+    for i in range(3):
+        np.testing.assert_array_equal(np.asarray(Image.open(os.path.join(folder, f'{i:06d}.png'))), rgb[i])

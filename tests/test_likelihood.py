@@ -367,3 +367,15 @@ def test_calc_bpd_loop_traces_model_once():
     d = make(linear_betas(8))
     likelihood.calc_bpd_loop(d, model_fn, jnp.zeros((2, 4, 4, 3)), jax.random.key(0, impl='rbg'))
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize('mean_type', ['xstart', 'xprev'])
+def test_jsd_schedule_bound_is_finite_for_x0_and_xprev_models(mean_type):
+    # jsd ends with beta = 1 (alpha_bar = 0): an 'eps' model is refused there (samplers.check_supported);
+    # 'xstart' and 'xprev' models give a finite bound.
+    from ddpm_jax import schedules
+    betas = schedules.get_beta_schedule('jsd', beta_start=0.0, beta_end=0.0, num_diffusion_timesteps=10)
+    d = diffusion.make_diffusion(betas, model_mean_type=mean_type, model_var_type='fixedlarge', loss_type='mse')
+    x_start = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, SHAPE), jnp.float32)
+    out = likelihood.calc_bpd_loop(d, lambda x, t: 0.5 * jnp.tanh(x), x_start, jax.random.PRNGKey(0))
+    assert all(np.isfinite(np.asarray(v)).all() for v in out.values())

@@ -41,6 +41,9 @@ def test_digits_trains_end_to_end_on_four_devices(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     lines = re.findall(r'step (\d+)/80 \| loss ([0-9.]+) .* steps/s \| .* img/s \| ETA', result.stderr)
     assert [int(step) for step, _ in lines] == list(range(10, 81, 10))
+    # The ETA's rate starts at the first log point (compilation excluded): no ETA there, then h:mm:ss.
+    etas = re.findall(r'step \d+/80 \|.* ETA (\S+)', result.stderr)
+    assert etas[0] == '?' and all(re.fullmatch(r'\d+:\d\d:\d\d', eta) for eta in etas[1:]), etas
     losses = [float(loss) for _, loss in lines]
     # eps-prediction MSE starts near 1 (the output layer is zero-initialised) and must fall clearly.
     assert losses[0] > 0.5 and min(losses[-3:]) < 0.6 * losses[0], losses

@@ -400,7 +400,7 @@ def test_sample_mode_runs_the_score_samplers_with_tagged_folders_and_nfe(tiny_ru
     out_dir = os.path.dirname(result['path'])
     want_tag = {'pc': 'pc10_snr0.16_corr1', 'langevin': 'langevin20_snr0.16_corr1',
                 'ode': 'ode_adaptive_rtol0.001_atol0.001'}[sampler]
-    assert result['complete'] and os.path.basename(out_dir) == f'samples_step3_{want_tag}_seed0'
+    assert result['complete'] and os.path.basename(out_dir) == f'samples_step3_{want_tag}_fixedlarge_ema_seed0'
     samples = np.load(result['path'])['samples']
     assert samples.shape == (4, 8, 8, 1) and samples.dtype == np.uint8 and samples.std() > 0
     with open(os.path.join(out_dir, 'metadata.json')) as f:
@@ -429,7 +429,7 @@ def test_cli_eval_ode_likelihood_end_to_end_and_resume(tiny_run):
                             check=False)
     assert result.returncode == 0, result.stderr[-4000:]
     [out_dir] = glob.glob(os.path.join(
-        workdir, 'nll_ode_test_step3_hutchinson_rademacher1_adaptive_rtol0.001_atol0.001_seed0'))
+        workdir, 'nll_ode_test_step3_hutchinson_rademacher1_adaptive_rtol0.001_atol0.001_fixedlarge_ema_seed0'))
     with open(os.path.join(out_dir, 'nll_ode.json')) as f:
         summary = json.load(f)
     assert summary['num_images'] == 6 and summary['likelihood'] == 'ode'

@@ -10,6 +10,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -386,3 +387,41 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_exac
     for name in ('params', 'ema_params', 'opt_state'):
         for a, b in zip(_leaves(getattr(straight, name)), _leaves(getattr(resumed, name)), strict=True):
             np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_ema_warmup_matches_numpy_loop():
+    """optim.ema_warmup: decay 0 at step 0, then min(ema_decay, (1 + n) / (10 + n)); off: the official rule."""
+    n = np.arange(3000)
+    for warmup in (False, True):
+        expected = np.where(n == 0, 0.0, np.minimum(0.999, (1.0 + n) / (10.0 + n)) if warmup else 0.999)
+        got = np.asarray(jax.vmap(lambda s: train.ema_decay_at(s, 0.999, warmup))(jnp.asarray(n, jnp.int32)))
+        np.testing.assert_allclose(got, expected, rtol=2e-7, atol=0)  # float32
+    # Through the train step: the EMA equals a float64 numpy loop over the raw params of every step.
+    config = multihost_worker.tiny_config(**{'optim.ema_warmup': True, 'optim.ema_decay': 0.99})
+    mesh = parallel.make_mesh()
+    state = train.create_train_state(config, mesh)
+    step = train.make_train_step(config, mesh)
+    batches = data.train_batches(config)
+    ema = None
+    for k in range(5):
+        state, _ = step(state, parallel.shard_batch(next(batches)[None], mesh, batch_axis=1))
+        params = [p.astype(np.float64) for p in _leaves(state.params)]
+        decay = 0.0 if k == 0 else min(0.99, (1.0 + k) / (10.0 + k))
+        ema = params if ema is None else [decay * e + (1.0 - decay) * p for e, p in zip(ema, params)]
+    for want, got in zip(ema, _leaves(state.ema_params)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * (1 + np.abs(want).max()))  # float32 rounding
+
+
+def test_tensorboard_steps_are_the_console_step_counts():
+    recorded = []
+
+    class Writer:
+        def add_scalar(self, name, value, step):
+            recorded.append((name, step))
+
+        def flush(self):
+            pass
+
+    values = dict(step=np.arange(0, 50), loss=np.ones(50), grad_norm=np.ones(50), lr=np.ones(50))
+    train._write_scalars(Writer(), values)  # steps 0..49 done: the console says "step 50"
+    assert recorded == [('train/loss', 50), ('train/grad_norm', 50), ('train/lr', 50)]
