@@ -228,6 +228,31 @@ def _check_sampling(problems: _Problems) -> None:
     problems.integer('sampling.num_samples', 1)
     problems.integer('sampling.batch_size', 1)
     problems.number('sampling.ddim_eta', 0.0, float('inf'), high_open=True)
+    if problems.config.sampling.sampler in ('pc', 'langevin'):
+        problems.number('sampling.snr', 0.0, float('inf'), low_open=True, high_open=True)
+        problems.integer('sampling.n_corrector_steps', 1)
+    if problems.config.sampling.sampler == 'ode':
+        _check_ode_solver(problems)
+    if not problems.lines:
+        _check_supported(problems, 'sampling.sampler', problems.config.sampling.sampler, num_steps)
+
+
+def _check_ode_solver(problems: _Problems) -> None:
+    problems.choice('sampling.ode_solver', ('adaptive', 'heun'))
+    problems.number('sampling.ode_rtol', 0.0, float('inf'), low_open=True, high_open=True)
+    problems.number('sampling.ode_atol', 0.0, float('inf'), low_open=True, high_open=True)
+
+
+def _check_supported(problems: _Problems, key: str, use: str, num_steps: int) -> None:
+    """samplers.check_supported for config.diffusion used by `use` (a sampler, or 'nll' for the bound); its
+    refusal (e.g. an eps model on a schedule ending at alpha_bar = 0) is reported under `key`."""
+    dcfg = problems.config.diffusion
+    betas = schedules.get_beta_schedule(dcfg.beta_schedule, beta_start=dcfg.beta_start, beta_end=dcfg.beta_end,
+                                        num_diffusion_timesteps=dcfg.num_diffusion_timesteps)
+    try:
+        samplers.check_supported(dcfg.model_mean_type, dcfg.model_var_type, use, num_steps, betas)
+    except ValueError as error:
+        problems.add(key, str(error))
 
 
 def _check_evaluation(problems: _Problems, mode: str) -> None:
@@ -237,6 +262,13 @@ def _check_evaluation(problems: _Problems, mode: str) -> None:
     if mode in ('eval', 'rate_distortion'):
         problems.integer('eval.batch_size', 1)
         problems.integer('eval.num_images', 0, 'must be an integer >= 0 (0 = the whole split)')
+        if problems.choice('eval.likelihood', ('bound', 'ode')) and evaluation.likelihood == 'ode':
+            problems.choice('eval.divergence', ('hutchinson_rademacher', 'hutchinson_gaussian', 'exact'))
+            problems.integer('eval.num_probes', 1)
+            _check_ode_solver(problems)
+    if mode in ('eval', 'rate_distortion', 'progressive', 'shared_xt', 'interpolate') and not problems.lines:
+        use = 'nll' if mode in ('eval', 'rate_distortion') else 'ancestral'
+        _check_supported(problems, 'diffusion.model_mean_type', use, 0)
     if mode == 'progressive':
         problems.integer('eval.num_progressive', 1)
         if problems.integer('eval.progressive_freq', 0, 'must be an integer >= 0 (0 = T // 10)') and _is_int(
@@ -268,6 +300,8 @@ def problems_of(config, mode: str) -> list[str]:
     _check_diffusion(problems)
     if mode == 'train':
         _check_training(problems)
+        if not problems.lines and problems.config.training.num_grid_samples > 0:  # grids: the full-T sampler
+            _check_supported(problems, 'diffusion.model_mean_type', 'ancestral', 0)
     if mode in ('sample', 'fid'):
         _check_sampling(problems)
     if mode in EVALUATION_MODES:
