@@ -229,6 +229,8 @@ def validate_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
     for name in ('num_train_steps', 'log_every_steps', 'checkpoint_every_steps', 'sample_every_steps'):
         if training[name] <= 0:
             raise ValueError(f'config.training.{name}={training[name]} must be positive.')
+    if training.get('eval_every_steps', 0) < 0:
+        raise ValueError(f'config.training.eval_every_steps={training.eval_every_steps} must be >= 0 (0: never).')
     steps_per_dispatch = training.get('steps_per_dispatch', 1)
     if steps_per_dispatch < 1:
         raise ValueError(f'config.training.steps_per_dispatch={steps_per_dispatch} must be >= 1.')
@@ -356,6 +358,8 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
         writer = SummaryWriter(os.path.join(workdir, 'tensorboard'))
     metric_log = _MetricLog()
     log_time, log_step = time.time(), step
+    eval_every = int(training.get('eval_every_steps', 0))
+    test_loss_fn = None
 
     def save() -> None:
         values = metric_log.drain()  # raises before saving a state that followed a NaN
@@ -377,6 +381,20 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
             logging.info('Wrote %s', path)
         log_time += time.time() - started  # keep sampling out of the training throughput
 
+    def evaluate_test_loss() -> float:
+        """The watch's test L_simple (same fixed batches, t and noise) of the EMA params; TensorBoard eval/test_loss."""
+        nonlocal test_loss_fn, log_time
+        started = time.time()
+        if test_loss_fn is None:
+            from ddpm_jax import evaluate, watch  # pylint: disable=g-import-not-at-top
+            test_loss_fn = watch.make_test_loss_fn(config, evaluate.model_apply_fn(config), mesh)
+        value = test_loss_fn(state.ema_params)
+        if writer is not None:
+            writer.add_scalar('eval/test_loss', value, step)
+            writer.flush()
+        log_time += time.time() - started  # keep evaluation out of the training throughput
+        return value
+
     try:
         with _StopRequest() as stop:
             # Report the start step at once (several hosts): until a host reports a step, a preemption notice
@@ -387,12 +405,16 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
             while step < num_steps:
                 count = min(steps_per_dispatch, num_steps - step,
                             *(_next_boundary(step, every) - step for every in
-                              (training.log_every_steps, training.checkpoint_every_steps, training.sample_every_steps)))
+                              (training.log_every_steps, training.checkpoint_every_steps, training.sample_every_steps,
+                               eval_every or num_steps)))
                 local = np.stack([next(batches) for _ in range(count)])
                 state, metrics = train_step(state, parallel.shard_batch(local, mesh, batch_axis=1))
                 metric_log.add(step, metrics)
                 step += count
 
+                test_loss = None
+                if eval_every and step % eval_every == 0:
+                    test_loss = evaluate_test_loss()
                 if step % training.log_every_steps == 0 or step == num_steps:
                     values = metric_log.drain()
                     if values is not None:
@@ -401,10 +423,14 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
                         steps_per_second = (step - log_step) / max(now - log_time, 1e-9)
                         log_time, log_step = now, step
                         logging.info('step %d/%d | loss %.5f | grad_norm %.4f | lr %.3g | %.2f steps/s | '
-                                     '%.1f img/s | ETA %s', step, num_steps, values['loss'].mean(),
+                                     '%.1f img/s | ETA %s%s', step, num_steps, values['loss'].mean(),
                                      values['grad_norm'].mean(), values['lr'][-1], steps_per_second,
                                      steps_per_second * training.batch_size,
-                                     _format_duration((num_steps - step) / max(steps_per_second, 1e-9)))
+                                     _format_duration((num_steps - step) / max(steps_per_second, 1e-9)),
+                                     '' if test_loss is None else f' | test_loss {test_loss:.6f} (EMA)')
+                        test_loss = None
+                if test_loss is not None:
+                    logging.info('step %d/%d | test_loss %.6f (EMA)', step, num_steps, test_loss)
                 stopping = stop.should_stop(manager, range(step - count + 1, step + 1))
                 if step % training.checkpoint_every_steps == 0 or step == num_steps or stopping:
                     save()
