@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import textwrap
 import time
 from typing import Callable
 
@@ -228,7 +229,9 @@ def plot_curve(path: str, points: list[dict], *, title: str = '') -> None:
             if np.isfinite(values).any():
                 axis.plot(steps, values, marker='o', label=label)
         if not axis.lines:
-            axis.text(0.5, 0.5, 'not computed', ha='center', va='center', transform=axis.transAxes)
+            note = points[-1].get('fid_note', '') if points and series[0][0] == 'fid_train' else ''
+            axis.text(0.5, 0.5, textwrap.fill(note or 'not computed', 40), ha='center', va='center', fontsize=8,
+                      transform=axis.transAxes)
         axis.set_xlabel('training step')
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
@@ -316,7 +319,7 @@ def run(config, workdir: str) -> list[dict]:
     skipped: set[int] = set()
     last_news = time.monotonic()
     try:
-        while not any(step >= last_step for step in done | skipped):
+        while True:
             todo = [s for s in list_steps(workdir) if s not in done | skipped and selected(s, config, last_step)]
             for step in todo:
                 last_news = time.monotonic()

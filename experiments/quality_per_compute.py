@@ -53,7 +53,7 @@ _SUMMARIZE = flags.DEFINE_bool('summarize', False, 'Print the rows of the JSON f
 
 # --smoke: a 1-level U-Net on the 8x8 digits, T = 20, small evaluation sets.
 SMOKE_OVERRIDES = {
-    'model.ch': 16, 'model.ch_mult': (1,), 'model.num_res_blocks': 1, 'model.attn_resolutions': (),
+    'model.ch': 32, 'model.ch_mult': (1,), 'model.num_res_blocks': 1, 'model.attn_resolutions': (),
     'diffusion.num_diffusion_timesteps': 20, 'training.batch_size': 16, 'training.log_every_steps': 5,
     'training.num_grid_samples': 0, 'training.eval_every_steps': 0, 'optim.warmup_steps': 5, 'eval.batch_size': 16,
     'sampling.batch_size': 8, 'watch.num_samples': 8, 'watch.num_steps': 5, 'watch.nll_images': 16,

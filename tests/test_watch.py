@@ -193,3 +193,79 @@ def test_watch_scores_skips_scored_and_removed_checkpoints_and_equals_the_modes(
 def _same(a, b):
     """Equal point lists (NaN equal to NaN)."""
     return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------------------------- two processes
+
+# configs/digits.py shrunk: 1-level U-Net (ch 32), T = 20, one device; a checkpoint and a test loss every 10 steps.
+_TINY_RUN = ['--config.model.ch=32', '--config.model.ch_mult=(1,)', '--config.model.num_res_blocks=1',
+             '--config.diffusion.num_diffusion_timesteps=20', '--config.training.batch_size=16',
+             '--config.optim.warmup_steps=5', '--config.optim.lr=2e-3', '--config.training.num_train_steps=20',
+             '--config.training.checkpoint_every_steps=10', '--config.training.eval_every_steps=10',
+             '--config.training.log_every_steps=10', '--config.training.num_grid_samples=0',
+             '--config.training.keep_latest=5', '--config.eval.batch_size=16', '--config.watch.loss_batches=1',
+             '--config.watch.nll_images=8', '--config.watch.num_samples=0', '--config.watch.poll_seconds=0.5',
+             '--config.watch.timeout=600']
+
+
+def _start_cli(workdir, mode, log_path):
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+               PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get('PYTHONPATH', '')]))
+    with open(log_path, 'w') as log:
+        return subprocess.Popen([sys.executable, '-m', 'ddpm_jax.main', '--config=configs/digits.py',
+                                 f'--workdir={workdir}', f'--mode={mode}', *_TINY_RUN], cwd=REPO_ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+
+
+def test_watch_follows_a_concurrent_training_run_and_matches_its_test_loss(tmp_path):
+    workdir = tmp_path / 'run'
+    logs = {name: tmp_path / f'{name}.log' for name in ('watch', 'train')}
+    started = {}
+    try:
+        started['watch'] = _start_cli(workdir, 'watch', logs['watch'])   # first: it waits for checkpoints
+        started['train'] = _start_cli(workdir, 'train', logs['train'])
+        for name in ('train', 'watch'):
+            try:
+                started[name].wait(timeout=600)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f'{name} still running after 600 s:\n{logs[name].read_text()[-3000:]}')
+            assert started[name].returncode == 0, f'{name} failed:\n{logs[name].read_text()[-4000:]}'
+    finally:
+        for proc in started.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+    points = watch.read_curve(str(workdir / 'watch'))
+    assert [p['step'] for p in points] == [10, 20]
+    logged = {int(step): float(value) for step, value in
+              re.findall(r'step (\d+)/20 \|.* test_loss ([0-9.]+) \(EMA\)', logs['train'].read_text())}
+    assert sorted(logged) == [10, 20], logs['train'].read_text()[-3000:]
+    for point in points:
+        # The same function on the same EMA params (in memory vs restored): equal up to the 6 printed decimals.
+        assert abs(point['test_loss'] - logged[point['step']]) <= 5e-7
+        assert np.isfinite(point['nll_bpd']) and point['fid_note'] == 'FID skipped: config.watch.num_samples=0'
+    assert 'FID skipped: config.watch.num_samples=0' in logs['watch'].read_text()
+
+
+def test_quality_per_compute_smoke_and_summarize(tmp_path):
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+               PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get('PYTHONPATH', '')]))
+    script = os.path.join(REPO_ROOT, 'experiments', 'quality_per_compute.py')
+    out = tmp_path / 'row.json'
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, script, '--smoke', '--steps=10', f'--workdir={tmp_path / "run"}',
+                             f'--out={out}', f'--config.eval.inception_weights={tmp_path / "missing.pt"}'],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    row = json.loads(out.read_text())
+    assert row['steps'] == 10 and row['images_seen'] == 160 and row['devices'] == 1 and row['smoke']
+    assert row['train_device_minutes'] == pytest.approx(row['train_wall_minutes'])
+    assert 0 < row['train_wall_minutes'] < (time.monotonic() - started) / 60
+    assert np.isfinite(row['nll_bpd']) and np.isfinite(row['test_loss'])
+    assert row['fid_proxy'] and row['fid_note'].startswith('FID skipped: FID Inception weights')
+    assert row['sampler'] == 'ddim5' and row['num_samples'] == 8
+    table = subprocess.run([sys.executable, script, '--summarize', str(out), str(out)], cwd=REPO_ROOT, env=env,
+                           capture_output=True, text=True, timeout=300, check=True).stdout
+    lines = table.strip().splitlines()
+    assert lines[0].startswith('| config | device | devices | steps | images seen') and len(lines) == 4
+    assert '| 10 | 160 |' in lines[2]
