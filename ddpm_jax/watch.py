@@ -200,12 +200,15 @@ def read_curve(out_dir: str) -> list[dict]:
     if not os.path.isfile(path):
         return []
     with open(path) as f:
-        return sorted(json.load(f)['points'], key=lambda p: p['step'])
+        points = json.load(f)['points']
+    return sorted(({k: math.nan if v is None else v for k, v in p.items()} for p in points), key=lambda p: p['step'])
 
 
 def write_curve(out_dir: str, points: list[dict], settings: dict) -> None:
-    """Rewrites curve.json ({settings, points}) and curve.csv (CURVE_COLUMNS) atomically, then curve.png."""
-    evaluate._write_json(os.path.join(out_dir, 'curve.json'), dict(settings=settings, points=points))  # pylint: disable=protected-access
+    """Rewrites curve.json ({settings, points}; values not computed are null) and curve.csv (CURVE_COLUMNS; 'nan')
+    atomically, then curve.png."""
+    strict = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in p.items()} for p in points]
+    evaluate._write_json(os.path.join(out_dir, 'curve.json'), dict(settings=settings, points=strict))  # pylint: disable=protected-access
     csv_path = os.path.join(out_dir, 'curve.csv')
     evaluate._write_csv(csv_path + '.tmp', list(CURVE_COLUMNS),  # pylint: disable=protected-access
                         [[p.get(c, '') for c in CURVE_COLUMNS] for p in points])

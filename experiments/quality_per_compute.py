@@ -75,9 +75,9 @@ def _set(config, dotted: str, value) -> None:
 
 
 def _format(value) -> str:
-    if isinstance(value, float):
-        return f'{value:.4g}' if value == value else 'n/a'
-    return str(value)
+    if value is None:   # not computed (e.g. FID without the Inception weights)
+        return 'n/a'
+    return f'{value:.4g}' if isinstance(value, float) else str(value)
 
 
 def summarize(paths: list) -> str:
@@ -154,8 +154,8 @@ def main(argv) -> None:
                overrides=[a for a in sys.argv[1:] if a.startswith('--config.')], smoke=bool(_SMOKE.value))
     out = _OUT.value or os.path.join(_WORKDIR.value, 'quality_per_compute.json')
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, 'w') as f:
-        json.dump(row, f, indent=2)
+    with open(out, 'w') as f:   # values not computed (NaN) are written as null
+        json.dump({k: None if isinstance(v, float) and v != v else v for k, v in row.items()}, f, indent=2)
     print(summarize([out]))
     print(f'wrote {out}')
 
