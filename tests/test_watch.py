@@ -53,6 +53,23 @@ def test_test_loss_matches_numpy_float64():
     np.testing.assert_array_equal(np.asarray(noise2), np.asarray(noise))
 
 
+def test_every_k_selection_and_proxy_label():
+    config = _tiny_config()
+    config.training.checkpoint_every_steps = 10
+    config.watch.every_k = 3
+    assert [s for s in range(10, 101, 10) if watch.selected(s, config, 100)] == [30, 60, 90, 100]
+    config.watch.every_k = 1
+    assert all(watch.selected(s, config, 100) for s in (7, 10, 20))   # also off-cadence (preemption) saves
+    config.diffusion.num_diffusion_timesteps = 1000
+    config.watch.update(dict(num_samples=50_000, sampler='ancestral', num_steps=0))
+    assert watch.fid_label(config) == (False, 'FID (50000 samples, ancestral 1000 steps)')
+    for overrides in (dict(num_samples=49_999), dict(num_steps=999)):
+        proxy_config = config.copy_and_resolve_references()
+        proxy_config.watch.update(overrides)
+        proxy, label = watch.fid_label(proxy_config)
+        assert proxy and label.startswith('FID proxy (') and 'the paper: 50000 samples, T=1000' in label
+
+
 # ----------------------------------------------------------------------------------------------- FID guard, repeats
 
 def test_fid_guard_rejects_float_samples_wrong_shapes_and_counts(tmp_path):
