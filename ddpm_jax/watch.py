@@ -11,7 +11,8 @@ new one, with fixed seeds so that points are comparable:
     with t and noise fixed by the seed (`test_loss`; training logs the same number every
     training.eval_every_steps);
   * nll_bpd: the variational bound in bits/dim (paper Sec. 4.2) over the first config.watch.nll_images eval
-    images, exactly as `--mode=eval --config.eval.num_images=<nll_images>` (same batches and keys);
+    images, exactly as `--mode=eval` with the `nll_config` overrides (eval.num_images = nll_images, eval.batch_size
+    at most nll_images): same batches and keys;
   * fid_train, fid_test (and the Inception Score where the weights have logits): config.watch.num_samples
     samples of config.watch.sampler / num_steps, exactly those of `--mode=sample` with these settings, against
     the cached reference statistics of `--mode=fid`; labelled a proxy when N < 50,000 or steps < T (paper
@@ -128,6 +129,16 @@ def sample_config(config):
     return config
 
 
+def nll_config(config):
+    """config for the watch's NLL bound: eval.num_images = watch.nll_images, and eval.batch_size no larger than
+    needed (nll_images rounded up to the device count), so that a small subset is not padded to a large batch."""
+    config = config.copy_and_resolve_references()
+    num_images, num_devices = int(config.watch.nll_images), jax.device_count()
+    config.eval.num_images = num_images
+    config.eval.batch_size = min(int(config.eval.batch_size), -(-max(num_images, 1) // num_devices) * num_devices)
+    return config
+
+
 class Scorer:
     """Scores checkpoints of one run: holds the compiled test loss, the NLL and sampling settings and the
     Inception network (or why FID is skipped)."""
@@ -137,8 +148,7 @@ class Scorer:
         self.mesh = parallel.make_mesh()
         self.apply_fn = evaluate.model_apply_fn(config)
         self.loss_fn = make_test_loss_fn(config, self.apply_fn, self.mesh)
-        self.nll_config = config.copy_and_resolve_references()
-        self.nll_config.eval.num_images = int(config.watch.nll_images)
+        self.nll_config = nll_config(config)
         self.fid_proxy, self.fid_label = fid_label(config)
         self.inception, self.fid_skipped = None, ''
         if int(config.watch.num_samples) <= 0:
@@ -300,7 +310,8 @@ def settings_of(config) -> dict:
     return dict(seed=int(config.seed), num_samples=int(watch.num_samples), sampler=watch.sampler,
                 num_steps=int(watch.num_steps), ddim_eta=float(config.sampling.ddim_eta),
                 nll_images=int(watch.nll_images), loss_batches=int(watch.loss_batches),
-                eval_batch_size=int(config.eval.batch_size), fid_repeats=int(config.eval.get('fid_repeats', 1)),
+                eval_batch_size=int(config.eval.batch_size), nll_batch_size=int(nll_config(config).eval.batch_size),
+                fid_repeats=int(config.eval.get('fid_repeats', 1)),
                 split=config.eval.split or config.data.eval_split, fid_label=fid_label(config)[1])
 
 

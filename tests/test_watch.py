@@ -173,9 +173,9 @@ def test_watch_scores_skips_scored_and_removed_checkpoints_and_equals_the_modes(
     # The curve's values are those of the standalone modes on the same checkpoint and settings (the last point:
     # every mode call compiles its own loop, tens of seconds on a loaded CPU).
     for point in points[-1:]:
-        mode_config = config.copy_and_resolve_references()
+        mode_config = watch.nll_config(config)
+        assert mode_config.eval.num_images == 6 and mode_config.eval.batch_size == 4
         mode_config.eval.checkpoint_step = point['step']
-        mode_config.eval.num_images = config.watch.nll_images
         assert evaluate.MODES['eval'](mode_config, workdir)['nll_bpd'] == point['nll_bpd']
         mode_config = watch.sample_config(mode_config)
         evaluate.MODES['sample'](mode_config, workdir)
