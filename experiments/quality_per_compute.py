@@ -149,8 +149,7 @@ def main(argv) -> None:
     if _STEPS.value is not None:
         config.training.checkpoint_every_steps = min(int(config.training.checkpoint_every_steps), _STEPS.value)
     row = measure(config, _WORKDIR.value, minutes=_MINUTES.value, steps=_STEPS.value)
-    row.update(config=os.path.relpath(flags.FLAGS['config'].value if isinstance(flags.FLAGS['config'].value, str)
-                                      else sys.argv[0]),
+    row.update(config=os.path.relpath(config_flags.get_config_filename(flags.FLAGS['config']), REPO_ROOT),
                overrides=[a for a in sys.argv[1:] if a.startswith('--config.')], smoke=bool(_SMOKE.value))
     out = _OUT.value or os.path.join(_WORKDIR.value, 'quality_per_compute.json')
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

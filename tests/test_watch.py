@@ -281,7 +281,7 @@ def test_quality_per_compute_smoke_and_summarize(tmp_path):
     assert np.isfinite(row['nll_bpd']) and np.isfinite(row['test_loss'])
     assert row['fid_proxy'] and row['fid_note'].startswith('FID skipped: FID Inception weights')
     assert row['fid_train'] is None and row['fid_test'] is None   # not computed: null, not NaN
-    assert row['sampler'] == 'ddim5' and row['num_samples'] == 8
+    assert row['sampler'] == 'ddim5' and row['num_samples'] == 8 and row['config'] == os.path.join('configs', 'digits.py')
     table = subprocess.run([sys.executable, script, '--summarize', str(out), str(out)], cwd=REPO_ROOT, env=env,
                            capture_output=True, text=True, timeout=300, check=True).stdout
     lines = table.strip().splitlines()
