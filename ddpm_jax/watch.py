@@ -102,7 +102,7 @@ def make_test_loss_fn(config, apply_fn: Callable, mesh) -> Callable:
         t, noise = fixed_t_and_noise(key, d.num_timesteps, global_shape)
         t = jax.lax.with_sharding_constraint(t, sharding)
         noise = jax.lax.with_sharding_constraint(noise, sharding)
-        model_fn = evaluate._constrained_model_fn(apply_fn, params, parallel.data_sharding(mesh))  # pylint: disable=protected-access
+        model_fn = evaluate._constrained_model_fn(apply_fn, params, parallel.data_sharding(mesh))
         return test_loss(d, model_fn, x, mask, t, noise)
 
     return lambda params: float(parallel.to_host(loss(params, x, mask)))
@@ -187,7 +187,7 @@ class Scorer:
                 written = evaluate.generate_samples(repeat_config, samples_dir, self.apply_fn, params)
                 with np.load(written['path']) as archive:
                     samples = archive['samples']
-                evaluate.check_fid_samples(samples, image_shape=evaluate._image_shape(config),  # pylint: disable=protected-access
+                evaluate.check_fid_samples(samples, image_shape=evaluate._image_shape(config),
                                            num_samples=int(config.watch.num_samples), source=written['path'])
                 result = evaluate.fid_of_samples(repeat_config, self.workdir, samples, self.inception)
                 results.append(dict(result, seed=int(repeat_config.seed)))
@@ -218,9 +218,9 @@ def write_curve(out_dir: str, points: list[dict], settings: dict) -> None:
     """Rewrites curve.json ({settings, points}; values not computed are null) and curve.csv (CURVE_COLUMNS; 'nan')
     atomically, then curve.png."""
     strict = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in p.items()} for p in points]
-    evaluate._write_json(os.path.join(out_dir, 'curve.json'), dict(settings=settings, points=strict))  # pylint: disable=protected-access
+    evaluate._write_json(os.path.join(out_dir, 'curve.json'), dict(settings=settings, points=strict))
     csv_path = os.path.join(out_dir, 'curve.csv')
-    evaluate._write_csv(csv_path + '.tmp', list(CURVE_COLUMNS),  # pylint: disable=protected-access
+    evaluate._write_csv(csv_path + '.tmp', list(CURVE_COLUMNS),
                         [[p.get(c, '') for c in CURVE_COLUMNS] for p in points])
     os.replace(csv_path + '.tmp', csv_path)
     plot_curve(os.path.join(out_dir, 'curve.png'), points, title=settings.get('fid_label', ''))
@@ -322,7 +322,7 @@ def run(config, workdir: str) -> list[dict]:
     last_step = int(watch.last_step) if int(watch.last_step) >= 0 else int(config.training.num_train_steps)
     out_dir = os.path.join(workdir, 'watch')
     settings = settings_of(config)
-    evaluate._prepare_dir(out_dir, settings)  # pylint: disable=protected-access
+    evaluate._prepare_dir(out_dir, settings)
     points = read_curve(out_dir)
     done = {p['step'] for p in points}
     if done:
