@@ -645,12 +645,13 @@ def fid_of_samples(config, workdir: str, samples: np.ndarray, inception_net: dic
     reference {role: split, num_images, stats} and, with logits, inception_score(_std, _splits)."""
     from ddpm_jax import data  # pylint: disable=g-import-not-at-top
     from ddpm_jax import fid as fid_lib  # pylint: disable=g-import-not-at-top
-    from ddpm_jax.models import inception  # pylint: disable=g-import-not-at-top
     inception_fn, batch_size = inception_net['fn'], inception_net['batch_size']
-    sample_stats = fid_lib.FeatureStatistics(inception.FEATURE_DIM)
+    sample_stats = None
     logits = []
     for start in range(0, samples.shape[0], batch_size):
         outputs = inception_fn(samples[start:start + batch_size])
+        if sample_stats is None:   # inception.FEATURE_DIM for the FID network
+            sample_stats = fid_lib.FeatureStatistics(outputs['pool'].shape[1])
         sample_stats.update(outputs['pool'])
         if 'logits' in outputs:
             logits.append(outputs['logits'])
