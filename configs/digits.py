@@ -45,4 +45,12 @@ def get_config():
     config.training.keep_every = 0
     config.training.sample_every_steps = 1500
     config.training.num_grid_samples = 64
+    config.training.eval_every_steps = 500
+
+    # --mode=watch beside the run: every checkpoint (1000, 2000, 3000), the NLL bound over the first 64 test
+    # images, FID of 1,000 DDIM-100 samples (a proxy) when the Inception weights are installed.
+    config.watch.num_samples = 1000
+    config.watch.nll_images = 64
+    config.watch.loss_batches = 2         # the whole 297-image test split (eval.batch_size 256)
+    config.watch.poll_seconds = 10.0
     return config

@@ -48,9 +48,15 @@ def _evaluation_mode(name: str) -> Callable:
     return run
 
 
+def _watch(config, workdir: str):
+    from ddpm_jax import watch  # pylint: disable=g-import-not-at-top
+    return watch.run(config, workdir)
+
+
 # mode name -> function(config, workdir).
 MODES: Dict[str, Callable] = {
     'train': _train,
+    'watch': _watch,
     **{name: _evaluation_mode(name)
        for name in ('sample', 'eval', 'fid', 'rate_distortion', 'progressive', 'shared_xt', 'interpolate')},
 }

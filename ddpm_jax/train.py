@@ -328,11 +328,6 @@ def _next_boundary(step: int, every: int) -> int:
     return (step // every + 1) * every
 
 
-def _format_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
-
-
 class SaveFailedError(UserError):
     """A checkpoint save that failed (disk full, permissions): training stops, the previous checkpoint stays."""
 
@@ -447,6 +442,8 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
         except Exception as error:  # pylint: disable=broad-except
             raise _save_failed(error, saving, workdir) from error
         saving = None
+    eval_every = int(training.get('eval_every_steps', 0))
+    test_loss_fn = None
 
     def save() -> None:
         nonlocal saving
@@ -475,6 +472,20 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
         log_time += time.time() - started  # keep sampling out of the training throughput
         eta.exclude(time.time() - started)
 
+    def evaluate_test_loss() -> float:
+        """The watch's test L_simple (same fixed batches, t and noise) of the EMA params; TensorBoard eval/test_loss."""
+        nonlocal test_loss_fn, log_time
+        started = time.time()
+        if test_loss_fn is None:
+            from ddpm_jax import evaluate, watch  # pylint: disable=g-import-not-at-top
+            test_loss_fn = watch.make_test_loss_fn(config, evaluate.model_apply_fn(config), mesh)
+        value = test_loss_fn(state.ema_params)
+        if writer is not None:
+            writer.add_scalar('eval/test_loss', value, step)
+            writer.flush()
+        log_time += time.time() - started  # keep evaluation out of the training throughput
+        return value
+
     try:
         with _StopRequest() as stop:
             # Report the start step at once (several hosts): until a host reports a step, a preemption notice
@@ -485,13 +496,17 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
             while step < num_steps:
                 count = min(steps_per_dispatch, num_steps - step,
                             *(_next_boundary(step, every) - step for every in
-                              (training.log_every_steps, training.checkpoint_every_steps, training.sample_every_steps)))
+                              (training.log_every_steps, training.checkpoint_every_steps, training.sample_every_steps,
+                               eval_every or num_steps)))
                 local = np.stack([next(batches) for _ in range(count)])
                 state, metrics = train_step(state, parallel.shard_batch(local, mesh, batch_axis=1))
                 metric_log.add(step, metrics)
                 step += count
                 check_saves(block=False)  # a failed save stops the run now, not at the next save
 
+                test_loss = None
+                if eval_every and step % eval_every == 0:
+                    test_loss = evaluate_test_loss()
                 if step % training.log_every_steps == 0 or step == num_steps:
                     values = metric_log.drain()
                     if values is not None:
@@ -502,10 +517,14 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
                         eta.update(step, log=False)
                         eta_seconds = eta.eta_seconds()
                         logging.info('step %d/%d | loss %.5f | grad_norm %.4f | lr %.3g | %.2f steps/s | '
-                                     '%.1f img/s | ETA %s', step, num_steps, values['loss'].mean(),
+                                     '%.1f img/s | ETA %s%s', step, num_steps, values['loss'].mean(),
                                      values['grad_norm'].mean(), values['lr'][-1], steps_per_second,
                                      steps_per_second * training.batch_size,
-                                     '?' if eta_seconds is None else progress_lib.format_duration(eta_seconds))
+                                     '?' if eta_seconds is None else progress_lib.format_duration(eta_seconds),
+                                     '' if test_loss is None else f' | test_loss {test_loss:.6f} (EMA)')
+                        test_loss = None
+                if test_loss is not None:
+                    logging.info('step %d/%d | test_loss %.6f (EMA)', step, num_steps, test_loss)
                 stopping = stop.should_stop(manager, range(step - count + 1, step + 1))
                 if step % training.checkpoint_every_steps == 0 or step == num_steps or stopping:
                     save()

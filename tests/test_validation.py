@@ -10,7 +10,7 @@ import multihost_worker  # pylint: disable=wrong-import-position
 from ddpm_jax import config_files, train, validation  # pylint: disable=wrong-import-position
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
-MODES = ('train', 'sample', 'eval', 'fid', 'rate_distortion', 'progressive', 'shared_xt', 'interpolate')
+MODES = ('train', 'sample', 'eval', 'fid', 'rate_distortion', 'progressive', 'shared_xt', 'interpolate', 'watch')
 
 # (overrides of the tiny digits config (T = 20, ch 32, ch_mult (1,)), mode, the start of the problem line).
 BAD_VALUES = [
@@ -69,6 +69,9 @@ BAD_VALUES = [
     ({'sampling.sampler': 'pc', 'sampling.snr': 0.0}, 'sample', 'config.sampling.snr=0.0: must be a number in'),
     ({'sampling.sampler': 'ode', 'sampling.ode_solver': 'rk4'}, 'sample', "config.sampling.ode_solver='rk4'"),
     ({'eval.likelihood': 'exact'}, 'eval', "config.eval.likelihood='exact': unknown"),
+    ({'watch.sampler': 'euler', 'watch.num_steps': 10}, 'watch', "config.watch.sampler='euler': unknown"),
+    ({'watch.num_steps': 21}, 'watch', 'config.watch.num_steps=21: must be an integer in [1, T=20]'),
+    ({'training.eval_every_steps': -1}, 'train', 'config.training.eval_every_steps=-1: must be an integer >= 0'),
     ({'eval.likelihood': 'ode', 'eval.divergence': 'skilling'}, 'eval', "config.eval.divergence='skilling'"),
     ({'eval.shared_xt_timesteps': (5, 20)}, 'shared_xt', 'config.eval.shared_xt_timesteps=(5, 20): timesteps must be'),
     ({'eval.interp_timesteps': (-1,)}, 'interpolate', 'config.eval.interp_timesteps=(-1,)'),
