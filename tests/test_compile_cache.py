@@ -96,3 +96,31 @@ def test_missing_filelock_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(compile_cache.importlib.util, 'find_spec', lambda name: None)
     with pytest.raises(ImportError, match="pip install filelock.*compile_cache_dir=''"):
         compile_cache.enable(str(tmp_path / 'c'))
+
+
+def test_initialiser_compiles_no_forward_pass_and_matches_flax_init():
+    """The step-0 state's params equal Flax's own `model.init` bit for bit (so checkpoints and converted weights
+    keep their meaning), and its compiled function holds no convolution or matmul: jit drops the forward pass
+    that `init` traces, only the random initialisers are compiled."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ddpm_jax import parallel, train
+    from ddpm_jax.models import unet
+    sys.path.insert(0, os.path.join(REPO_ROOT, 'tests'))
+    import multihost_worker  # pylint: disable=g-import-not-at-top
+    config = multihost_worker.tiny_config(**{'model.attn_resolutions': (8,)})
+    mesh = parallel.make_mesh()
+    state = train.create_train_state(config, mesh)
+    key = jax.random.fold_in(jax.random.key(config.seed), 0)  # the init stream (train.py)
+    x, t = jnp.zeros((1, 8, 8, 1)), jnp.zeros((1,), jnp.int32)
+    reference = jax.jit(lambda k: unet.create_model(config).init({'params': k}, x, t, train=False))(key)['params']
+    flat_state = jax.tree_util.tree_leaves_with_path(parallel.to_host(state.params))
+    flat_reference = jax.tree_util.tree_leaves_with_path(reference)
+    assert [p for p, _ in flat_state] == [p for p, _ in flat_reference]
+    for (path, got), (_, want) in zip(flat_state, flat_reference):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=str(path))
+    hlo = train._compiled_init(train._CompileKey(config), mesh).lower().as_text()  # pylint: disable=protected-access
+    assert 'stablehlo.convolution' not in hlo and 'stablehlo.dot_general' not in hlo
+    assert 'threefry' in hlo or 'stablehlo.shift_right_logical' in hlo  # the random bits are there
