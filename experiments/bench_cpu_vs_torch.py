@@ -180,9 +180,14 @@ class JaxWorker:
         import jax  # pylint: disable=g-import-not-at-top
         import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-        from ddpm_jax import compile_cache, config_files, convert, parallel  # pylint: disable=g-import-not-at-top
+        from ddpm_jax import (  # pylint: disable=g-import-not-at-top
+            compile_cache,
+            config_files,
+            convert,
+            parallel,
+            train,  # pylint: disable=g-import-not-at-top
+        )
         from ddpm_jax import diffusion as diffusion_lib  # pylint: disable=g-import-not-at-top
-        from ddpm_jax import train  # pylint: disable=g-import-not-at-top
         from ddpm_jax.models import unet  # pylint: disable=g-import-not-at-top
         self.jax, self.parallel, self.train = jax, parallel, train
         compile_cache.enable(args['compile_cache_dir'])
@@ -413,9 +418,9 @@ def main(argv=None) -> dict:
         ratios = [t / j for j, t in zip(times['jax'], times['torch'])]
         rows.append(dict(work=work, batch=batch, jax=spread(times['jax']), torch=spread(times['torch']),
                          ratio=spread(ratios), per_round=times))
-    import torch  # pylint: disable=g-import-not-at-top
     import diffusers  # pylint: disable=g-import-not-at-top
     import jax  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top
     result = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
                   machine=dict(cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
                                load_average=os.getloadavg()),
