@@ -51,7 +51,12 @@ def enable(configured: str = DEFAULT_DIR) -> Optional[str]:
     if importlib.util.find_spec('filelock') is None:
         raise ImportError("the compilation cache needs the filelock package (pip install filelock); or turn the cache "
                           "off with --config.compile_cache_dir=''")
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise OSError(f'cannot create the compilation cache directory {path!r} ({error.strerror}); choose another '
+                      "with --config.compile_cache_dir=DIR or turn the cache off with --config.compile_cache_dir=''"
+                      ) from error
     jax.config.update('jax_enable_compilation_cache', True)
     jax.config.update('jax_compilation_cache_dir', path)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)

@@ -92,6 +92,13 @@ def test_second_process_loads_everything_and_computes_the_same(tmp_path):
         assert (run['loss'], run['grad_norm']) == (first['loss'], first['grad_norm'])
 
 
+def test_unusable_directory_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.delenv(compile_cache.ENV_VAR, raising=False)
+    (tmp_path / 'file').write_text('')
+    with pytest.raises(OSError, match="cannot create the compilation cache directory .*compile_cache_dir=''"):
+        compile_cache.enable(str(tmp_path / 'file' / 'cache'))
+
+
 def test_missing_filelock_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(compile_cache.importlib.util, 'find_spec', lambda name: None)
     with pytest.raises(ImportError, match="pip install filelock.*compile_cache_dir=''"):
