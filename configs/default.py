@@ -9,6 +9,10 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
+    # JAX's persistent compilation cache (ddpm_jax/compile_cache.py): compiled steps, samplers and the initialiser
+    # are reused by a resumed run, every evaluation mode and reruns. '' turns it off; $JAX_COMPILATION_CACHE_DIR,
+    # when set, overrides the directory.
+    config.compile_cache_dir = '~/.cache/ddpm_jax/jax_cache'
 
     # Data: name in {'digits', 'cifar10', 'celeb_a_hq', 'lsun/church', 'lsun/bedroom', 'lsun/cat', 'folder'}.
     data = config.data = ml_collections.ConfigDict()

@@ -105,6 +105,8 @@ def main(argv) -> None:
         from ddpm_jax import parallel  # pylint: disable=g-import-not-at-top
         parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config = _CONFIG.value
+    from ddpm_jax import compile_cache  # pylint: disable=g-import-not-at-top
+    compile_cache.enable(config.get('compile_cache_dir', compile_cache.DEFAULT_DIR))
     if _DATA_DIR.value is not None:
         config.data.data_dir = _DATA_DIR.value
     from ddpm_jax import validation  # pylint: disable=g-import-not-at-top

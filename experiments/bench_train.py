@@ -59,7 +59,7 @@ if REPO_ROOT not in sys.path:
 import jax  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from ddpm_jax import config_files, parallel  # pylint: disable=wrong-import-position
+from ddpm_jax import compile_cache, config_files, parallel  # pylint: disable=wrong-import-position
 from ddpm_jax import train  # pylint: disable=wrong-import-position
 
 DTYPES = ('float32', 'bfloat16')
@@ -79,13 +79,17 @@ SMOKE_OVERRIDES = {
 
 def load_config(path: str, overrides: list[str]):
     """config from the file's get_config() with `key.sub=value` overrides (values parsed as Python literals,
-    anything else kept as a string). Returns (config, {key: value})."""
+    anything else kept as a string). Returns (config, {key: value}).
+
+    Also points JAX's persistent compilation cache at config.compile_cache_dir (as `ddpm_jax.main` does;
+    `--set compile_cache_dir=` turns it off): with the cache warm, "compile s" is the time to load the program."""
     path = os.path.join(REPO_ROOT, path) if not os.path.isabs(path) and not os.path.exists(path) else path
     if not os.path.exists(path):
         raise FileNotFoundError(f'config file {path!r} not found; pass e.g. --config=configs/cifar10.py')
     config = config_files.load_config_file(path)
     parsed = parse_overrides(overrides)
     apply_overrides(config, parsed)
+    compile_cache.enable(config.get('compile_cache_dir', ''))
     return config, parsed
 
 
@@ -151,6 +155,8 @@ def device_info() -> dict:
                 process_count=jax.process_count(), jax_version=jax.__version__,
                 jaxlib_version=_jaxlib_version(),
                 xla_flags=os.environ.get('XLA_FLAGS', ''),
+                compile_cache_dir=jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache
+                else '',
                 mem_fraction=os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION', ''))
 
 

@@ -1,0 +1,22 @@
+"""Session-wide test setup: one persistent JAX compilation cache for the whole run and its subprocesses.
+
+The cache lives in pytest's cache directory (`.pytest_cache/d/jax_cache`), so a rerun of the suite loads the
+compiled functions of the previous run; $JAX_COMPILATION_CACHE_DIR, when set, is used instead. Subprocesses
+(the CLI, multi-host workers) inherit the directory and the thresholds through JAX's environment variables.
+"""
+import os
+import tempfile
+
+from ddpm_jax import compile_cache
+
+
+def pytest_configure(config):
+    path = os.environ.get(compile_cache.ENV_VAR)
+    if not path:
+        cache = getattr(config, 'cache', None)  # None with -p no:cacheprovider
+        path = str(cache.mkdir('jax_cache')) if cache is not None else tempfile.mkdtemp(prefix='jax_cache_')
+    os.environ.update({compile_cache.ENV_VAR: path,
+                       'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+                       'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '-1',
+                       'JAX_COMPILATION_CACHE_MAX_SIZE': str(compile_cache.MAX_BYTES)})
+    compile_cache.enable(path)
