@@ -108,11 +108,13 @@ def report_from_device(model_fn: Callable, on_call: Callable[[int], None], repor
         table[report_at] = True
 
     def wrapped(x, t):
+        # The probability-flow ODE calls the network at float labels (score.py): progress follows their floor.
+        step = t[0] if jnp.issubdtype(t.dtype, jnp.integer) else jnp.maximum(jnp.floor(t[0]), 0).astype(jnp.int32)
         if report_at is None:
-            jax.debug.callback(host, t[0])
+            jax.debug.callback(host, step)
         else:
-            due = jnp.asarray(table).at[t[0]].get(mode='fill', fill_value=False)
-            jax.lax.cond(due, lambda s: jax.debug.callback(host, s), lambda s: None, t[0])
+            due = jnp.asarray(table).at[step].get(mode='fill', fill_value=False)
+            jax.lax.cond(due, lambda s: jax.debug.callback(host, s), lambda s: None, step)
         return model_fn(x, t)
 
     return wrapped

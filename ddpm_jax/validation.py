@@ -299,7 +299,8 @@ def _check_watch(problems: _Problems) -> None:
     problems.integer('watch.num_samples', 0, 'must be an integer >= 0 (0 skips FID)')
     problems.choice('watch.sampler', samplers.SAMPLERS)
     num_steps = problems.config.watch.num_steps
-    if not _is_int(num_steps) or num_steps < 0 or (_is_int(num_timesteps) and num_steps > num_timesteps):
+    if problems.config.watch.num_samples and (  # the FID samples' sampler; unused when FID is skipped
+            not _is_int(num_steps) or num_steps < 0 or (_is_int(num_timesteps) and num_steps > num_timesteps)):
         problems.add('watch.num_steps', f'must be an integer in [1, T={num_timesteps}], or 0 for all T steps')
     problems.integer('watch.nll_images', 0, 'must be an integer >= 0 (0 skips the NLL)')
     problems.integer('watch.loss_batches', 0, 'must be an integer >= 0 (0 skips the test loss)')
