@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import default as default_config
-from ddpm_jax import diffusion, schedules
+from ddpm_jax import diffusion, losses, schedules
 
 MEAN_TYPES = ('eps', 'xstart', 'xprev')
 VAR_TYPES = ('fixedsmall', 'fixedlarge', 'learned', 'learned_range')
@@ -444,7 +444,7 @@ def test_mse_training_loss(num_steps, mean_type):
     want = ((target - inp['model_output']) ** 2).mean(axis=(1, 2, 3))
 
     def compute(d, cast):
-        return diffusion.training_losses(d, cast(inp['model_output']), cast(inp['x_start']), cast(x_t),
+        return losses.training_losses(d, cast(inp['model_output']), cast(inp['x_start']), cast(x_t),
                                          jnp.asarray(t), cast(inp['noise']))
 
     with jax.enable_x64(True):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from ddpm_jax import diffusion, likelihood
+from ddpm_jax import diffusion, likelihood, losses
 from test_diffusion import (MEAN_TYPES, SHAPE, VAR_TYPES, assert_f32, assert_x64, col, documented_noise, linear_betas,
                             make, random_inputs, ref_p_mean_variance, ref_posterior_mean, reference_tables)
 
@@ -253,7 +253,7 @@ def test_kl_training_loss_is_the_unclipped_bound_term(mean_type, var_type):
                                clip=False)
     with jax.enable_x64(True):
         d = make(betas, mean_type, var_type, 'kl')
-        got = diffusion.training_losses(d, *(jnp.asarray(inp[k]) for k in ('model_output', 'x_start', 'x_t', 't',
+        got = losses.training_losses(d, *(jnp.asarray(inp[k]) for k in ('model_output', 'x_start', 'x_t', 't',
                                                                                'noise')))
         assert_x64(got, want)
 
@@ -275,11 +275,11 @@ def test_hybrid_loss_value_and_gradients(num_steps, mean_type, var_type):
         hybrid = make(betas, mean_type, var_type, 'hybrid')
         kl = make(betas, mean_type, var_type, 'kl')
         args = [jnp.asarray(inp[k]) for k in ('x_start', 'x_t', 't', 'noise')]
-        assert_x64(diffusion.training_losses(hybrid, jnp.asarray(inp['model_output']), *args),
+        assert_x64(losses.training_losses(hybrid, jnp.asarray(inp['model_output']), *args),
                    mse + 0.001 * num_steps * vb)
 
         def total(d, out):
-            return jnp.sum(diffusion.training_losses(d, out, *args))
+            return jnp.sum(losses.training_losses(d, out, *args))
 
         grad_hybrid = np.asarray(jax.grad(total, argnums=1)(hybrid, jnp.asarray(inp['model_output'])))
         grad_kl = np.asarray(jax.grad(total, argnums=1)(kl, jnp.asarray(inp['model_output'])))

@@ -5,6 +5,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs import default as default_config
 from ddpm_jax import diffusion, samplers
 
 T = 20
@@ -174,11 +175,18 @@ def test_p_sample_range_composes_to_p_sample_loop():
     np.testing.assert_array_equal(np.asarray(empty), np.asarray(x_big_t))
 
 
+def _sampling(**values):
+    """config.sampling of the defaults with `values` set."""
+    sampling = default_config.get_config().sampling
+    sampling.update(values)
+    return sampling
+
+
 def _config(sampler, num_steps, eta=0.0):
     config = ml_collections.ConfigDict()
     config.diffusion = dict(beta_schedule='linear', beta_start=1e-3, beta_end=0.2, num_diffusion_timesteps=T,
                             model_mean_type='eps', model_var_type='fixedlarge', loss_type='mse', hybrid_lambda=1e-3)
-    config.sampling = dict(sampler=sampler, num_steps=num_steps, ddim_eta=eta, clip_denoised=True)
+    config.sampling = _sampling(sampler=sampler, num_steps=num_steps, ddim_eta=eta, clip_denoised=True)
     return config
 
 
@@ -210,7 +218,7 @@ def _gaussian_config(mean_type, var_type, sampler, num_steps, eta=0.0, schedule=
     config.diffusion = dict(beta_schedule=schedule, beta_start=1e-4, beta_end=0.02,
                             num_diffusion_timesteps=num_timesteps, model_mean_type=mean_type,
                             model_var_type=var_type, loss_type='mse', hybrid_lambda=1e-3)
-    config.sampling = dict(sampler=sampler, num_steps=num_steps, ddim_eta=eta, clip_denoised=False)
+    config.sampling = _sampling(sampler=sampler, num_steps=num_steps, ddim_eta=eta, clip_denoised=False)
     return config
 
 
