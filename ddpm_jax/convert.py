@@ -369,5 +369,6 @@ if __name__ == '__main__':
     flags.DEFINE_integer('step', -1, 'step to record; -1: the checkpoint global_step (TF) or 0 (diffusers)')
     flags.mark_flags_as_required(['source', 'config', 'workdir'])
     import sys
+
     from ddpm_jax import config_files
     app.run(main, argv=config_files.resolve_config_argv(sys.argv))  # --config=ddpm_jax:cifar10

@@ -44,8 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion as diffusion_lib
-from ddpm_jax import config_files, schedules, score
+from ddpm_jax import config_files, diffusion as diffusion_lib, schedules, score
 from ddpm_jax.diffusion import ModelFn
 
 SAMPLERS = ('ancestral', 'ddim', 'pc', 'langevin', 'ode')

@@ -8,8 +8,8 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -72,7 +72,8 @@ def test_round_trip_is_exact_and_keeps_optimizer_types(tmp_path, config, mesh):
     restored = _restore(workdir, config, mesh)
     _assert_state_equal(restored, _state_at(config, mesh, 3))
     assert int(restored.step) == 3
-    adam_states = [s for s in jax.tree.leaves(restored.opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+    adam_states = [s for s in jax.tree.leaves(restored.opt_state,
+                                              is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
                    if isinstance(s, optax.ScaleByAdamState)]
     assert len(adam_states) == 1
     assert restored.params['conv_in']['kernel'].sharding.is_equivalent_to(parallel.replicated_sharding(mesh), 4)

@@ -11,10 +11,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
+from test_diffusion import (
+    MEAN_TYPES,
+    SHAPE,
+    VAR_TYPES,
+    assert_f32,
+    assert_x64,
+    col,
+    documented_noise,
+    linear_betas,
+    make,
+    random_inputs,
+    ref_p_mean_variance,
+    ref_posterior_mean,
+    reference_tables,
+)
 
 from ddpm_jax import diffusion, likelihood, losses
-from test_diffusion import (MEAN_TYPES, SHAPE, VAR_TYPES, assert_f32, assert_x64, col, documented_noise, linear_betas,
-                            make, random_inputs, ref_p_mean_variance, ref_posterior_mean, reference_tables)
 
 LOG_MIN_MASS = math.log(1e-12)
 PI_50 = Decimal('3.14159265358979323846264338327950288419716939937510')
@@ -297,7 +310,8 @@ def test_prior_bpd(num_steps):
     tb = reference_tables(betas)
     x_start = np.random.default_rng(3).uniform(-1, 1, SHAPE)
     alpha_bar = tb['alphas_cumprod'][-1]
-    want = ref_normal_kl(np.sqrt(alpha_bar) * x_start, np.log(1 - alpha_bar), 0.0, 0.0).mean(axis=(1, 2, 3)) / math.log(2)
+    want = ref_normal_kl(np.sqrt(alpha_bar) * x_start, np.log(1 - alpha_bar), 0.0, 0.0).mean(axis=(1, 2, 3))
+    want = want / math.log(2)
     with jax.enable_x64(True):
         assert_x64(likelihood.prior_bpd(make(betas), jnp.asarray(x_start)), want)
     got = likelihood.prior_bpd(make(betas), jnp.asarray(x_start, jnp.float32))
@@ -331,7 +345,8 @@ def ref_bpd_loop(tb, mean_type, var_type, x_start, rng, dtype, clip):
                                                 t, clip)
         mse[:, step] = ((pred - x_start) ** 2).mean(axis=(1, 2, 3))
     alpha_bar = tb['alphas_cumprod'][-1]
-    prior = ref_normal_kl(np.sqrt(alpha_bar) * x_start, np.log(1 - alpha_bar), 0.0, 0.0).mean(axis=(1, 2, 3)) / math.log(2)
+    prior = ref_normal_kl(np.sqrt(alpha_bar) * x_start, np.log(1 - alpha_bar), 0.0, 0.0).mean(axis=(1, 2, 3))
+    prior = prior / math.log(2)
     return dict(total_bpd=terms.sum(axis=1) + prior, terms_bpd=terms, prior_bpd=prior, mse=mse)
 
 

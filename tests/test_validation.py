@@ -14,7 +14,8 @@ MODES = ('train', 'sample', 'eval', 'fid', 'rate_distortion', 'progressive', 'sh
 
 # (overrides of the tiny digits config (T = 20, ch 32, ch_mult (1,)), mode, the start of the problem line).
 BAD_VALUES = [
-    ({'diffusion.beta_schedule': 'linaer'}, 'train', "config.diffusion.beta_schedule='linaer': unknown; allowed: linear"),
+    ({'diffusion.beta_schedule': 'linaer'}, 'train',
+     "config.diffusion.beta_schedule='linaer': unknown; allowed: linear"),
     ({'diffusion.model_mean_type': 'noise'}, 'sample', "config.diffusion.model_mean_type='noise': unknown"),
     ({'diffusion.model_var_type': 'fixed'}, 'train', "config.diffusion.model_var_type='fixed': unknown"),
     ({'diffusion.loss_type': 'l1'}, 'train', "config.diffusion.loss_type='l1': unknown"),
