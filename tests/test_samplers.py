@@ -166,12 +166,12 @@ def test_p_sample_range_composes_to_p_sample_loop():
     d = _diffusion()
     want = diffusion.p_sample_loop(d, _toy_eps_model, SHAPE, rng)
     x_big_t = jax.random.normal(jax.random.fold_in(rng, T), SHAPE)
-    full = samplers.p_sample_range(d, _toy_eps_model, x_big_t, rng, t_start=T - 1, t_stop=0)
-    middle = samplers.p_sample_range(d, _toy_eps_model, x_big_t, rng, t_start=T - 1, t_stop=8)
-    split = samplers.p_sample_range(d, _toy_eps_model, middle, rng, t_start=7, t_stop=0)
+    full = diffusion.p_sample_range(d, _toy_eps_model, x_big_t, rng, t_start=T - 1, t_stop=0)
+    middle = diffusion.p_sample_range(d, _toy_eps_model, x_big_t, rng, t_start=T - 1, t_stop=8)
+    split = diffusion.p_sample_range(d, _toy_eps_model, middle, rng, t_start=7, t_stop=0)
     np.testing.assert_array_equal(np.asarray(full), np.asarray(want))
     np.testing.assert_array_equal(np.asarray(split), np.asarray(want))
-    empty = samplers.p_sample_range(d, _toy_eps_model, x_big_t, rng, t_start=T - 1, t_stop=T)
+    empty = diffusion.p_sample_range(d, _toy_eps_model, x_big_t, rng, t_start=T - 1, t_stop=T)
     np.testing.assert_array_equal(np.asarray(empty), np.asarray(x_big_t))
 
 
