@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from flax import traverse_util
 
 from ddpm_jax import parallel
 from ddpm_jax.errors import UserError
@@ -173,11 +174,9 @@ def _select(config: dict, dotted: str) -> Any:
 
 
 def _flatten(value: Any, prefix: str) -> dict:
+    """{'<prefix>.<dotted path>': leaf} of a nested dict, or {prefix: value} for a leaf."""
     if isinstance(value, dict):
-        flat = {}
-        for key, sub in value.items():
-            flat.update(_flatten(sub, f'{prefix}.{key}'))
-        return flat
+        return {f'{prefix}.{path}': leaf for path, leaf in traverse_util.flatten_dict(value, sep='.').items()}
     return {prefix: value}
 
 
