@@ -128,7 +128,7 @@ def _check_data(problems: _Problems, mode: str) -> None:
 
 def _check_tfds_prepared(problems: _Problems) -> None:
     """Whether the TFDS dataset is prepared in config.data.data_dir (its metadata only; a fraction of a second)."""
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds
     config = problems.config
     data_dir = os.path.expanduser(config.data.data_dir) if config.data.data_dir else None
     try:
@@ -166,7 +166,7 @@ def _check_model(problems: _Problems) -> None:
         problems.add('model.ch_mult', 'must be a non-empty tuple of positive integers, e.g. (1, 2, 2, 2)')
     problems.integer('model.num_res_blocks', 0)
     problems.number('model.dropout', 0.0, 1.0, high_open=True)
-    problems.choice('model.dtype', tuple(unet._COMPUTE_DTYPES))  # pylint: disable=protected-access
+    problems.choice('model.dtype', tuple(unet._COMPUTE_DTYPES))
     problems.choice('model.attention', unet.ATTENTION_IMPLS)
     image_size = problems.config.data.image_size
     if _is_int(image_size) and image_size > 0 and levels is not None:

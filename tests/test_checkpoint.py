@@ -13,9 +13,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import multihost_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
+import multihost_worker
 
-from ddpm_jax import checkpoint, parallel, train  # pylint: disable=wrong-import-position
+from ddpm_jax import checkpoint, parallel, train
 
 # Orbax's read of a truncated file fails inside tensorstore's asyncio loop and leaves an
 # "Event loop is closed" callback behind at garbage collection: noise, not a test outcome.

@@ -5,9 +5,9 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import multihost_worker  # pylint: disable=wrong-import-position
+import multihost_worker
 
-from ddpm_jax import config_files, train, validation  # pylint: disable=wrong-import-position
+from ddpm_jax import config_files, train, validation
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 MODES = ('train', 'sample', 'eval', 'fid', 'rate_distortion', 'progressive', 'shared_xt', 'interpolate')
