@@ -1,4 +1,5 @@
-"""ddpm_jax.diffusion against independent float64 numpy re-derivations (SPEC.md section 3).
+"""ddpm_jax.diffusion against independent float64 numpy re-derivations (paper Sec. 2-3;
+official diffusion_utils_2.py).
 
 Every check runs twice: with float64 tables under `jax.enable_x64(True)` at ~1e-10 relative, and with the
 default float32 tables at float32 tolerances. Batches always contain t=0 and t=T-1.

@@ -318,7 +318,7 @@ def test_prior_bpd(num_steps):
     # float32: -1 + exp(log(1 - alpha_bar)) cancels to the order of 1 ulp of 1 (6e-8 nats).
     np.testing.assert_allclose(got, want, rtol=1e-2 if num_steps == 1000 else 1e-5, atol=1e-7)
     if num_steps == 1000:
-        assert ((5e-6 < want) & (want < 3e-5)).all()  # "about 1e-5 bits/dim" (paper; SPEC.md 3.6)
+        assert ((5e-6 < want) & (want < 3e-5)).all()  # "about 1e-5 bits/dim" (paper Sec. 3.3)
 
 
 def toy_model(var_type):

@@ -1,8 +1,8 @@
-"""Tests of ddpm_jax.models.unet against SPEC.md sections 2 and 4.
+"""Tests of ddpm_jax.models.unet against the official models/unet.py and nn.py (paper App. B).
 
 The reference is an independent float64 numpy forward pass of the official network written here from
-SPEC.md section 4 (TF 'SAME' padding rule, index-based nearest upsampling, two-pass GroupNorm), run on
-random non-zero weights: the official init makes conv2/proj_out/conv_out ~0 and would hide errors.
+the official models/unet.py and nn.py (TF 'SAME' padding rule, index-based nearest upsampling, two-pass
+GroupNorm), run on random non-zero weights: the official init makes conv2/proj_out/conv_out ~0 and would hide errors.
 """
 import functools
 import math
@@ -52,7 +52,7 @@ def random_params(model, size, seed, dtype=np.float64):
 
 
 # ------------------------------------------------------------------------------------------------
-# float64 numpy reference (SPEC.md section 4)
+# float64 numpy reference (official models/unet.py and nn.py)
 
 
 def np_swish(x):

@@ -1,8 +1,9 @@
 """The U-Net of DDPM (Ho et al. 2020), exact to the official `diffusion_tf/models/unet.py`.
 
-SPEC.md section 4 describes the architecture. The Flax module tree mirrors the official TF
-variable scopes, so `model/down_1/attn_0/q/W` is `params['down_1']['attn_0']['q']['kernel']`
-(`W`/`b` -> `kernel`/`bias`, GroupNorm `gamma`/`beta` -> `scale`/`bias`); see ddpm_jax/convert.py.
+Paper App. B describes the architecture; official models/unet.py and nn.py define it. The Flax module
+tree mirrors the official TF variable scopes, so `model/down_1/attn_0/q/W` is
+`params['down_1']['attn_0']['q']['kernel']` (`W`/`b` -> `kernel`/`bias`, GroupNorm `gamma`/`beta` ->
+`scale`/`bias`); see ddpm_jax/convert.py.
 
 Precision: parameters are stored in `param_dtype` (float32). Convolutions, dense layers and the
 attention matmuls run in the compute `dtype` (float32 or bfloat16). GroupNorm statistics, the
@@ -334,7 +335,7 @@ class UpLevel(nn.Module):
 
 
 class UNet(nn.Module):
-    """The DDPM U-Net (official `unet.model`, SPEC.md section 4).
+    """The DDPM U-Net (official models/unet.py `model`, paper App. B).
 
     Called as `model.apply({'params': p}, x, t, train=bool, rngs={'dropout': key})` with
     x: [B, H, W, C] float in [-1, 1] (H = W, divisible by 2**(len(ch_mult) - 1)), t: [B] int in {0..T-1};
