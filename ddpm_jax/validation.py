@@ -166,7 +166,7 @@ def _check_model(problems: _Problems) -> None:
         problems.add('model.ch_mult', 'must be a non-empty tuple of positive integers, e.g. (1, 2, 2, 2)')
     problems.integer('model.num_res_blocks', 0)
     problems.number('model.dropout', 0.0, 1.0, high_open=True)
-    problems.choice('model.dtype', tuple(unet._COMPUTE_DTYPES))
+    problems.choice('model.dtype', tuple(unet.COMPUTE_DTYPES))
     problems.choice('model.attention', unet.ATTENTION_IMPLS)
     image_size = problems.config.data.image_size
     if _is_int(image_size) and image_size > 0 and levels is not None:

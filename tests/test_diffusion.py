@@ -494,3 +494,20 @@ def test_shape_mismatches_show_both_shapes():
         diffusion.p_sample(learned, x, x, jnp.array([0, 1]), x)
     with pytest.raises(ValueError, match='freq'):
         diffusion.p_sample_loop_progressive(d, lambda x, t: x, x.shape, jax.random.key(0), freq=0)
+
+
+def test_diffusion_settings_name_a_missing_or_mistyped_key():
+    config = default_config.get_config()
+    settings = diffusion.DiffusionSettings.from_config(config.diffusion)
+    assert (settings.beta_schedule, settings.num_diffusion_timesteps, settings.hybrid_lambda) == ('linear', 1000, 0.001)
+    del config.diffusion['hybrid_lambda']
+    with pytest.raises(ValueError, match=r'config\.diffusion\.hybrid_lambda is missing'):
+        diffusion.diffusion_from_config(config)
+    config = default_config.get_config()
+    config.diffusion.num_diffusion_timesteps = True
+    with pytest.raises(ValueError, match=r'config\.diffusion\.num_diffusion_timesteps=True must be a int'):
+        diffusion.diffusion_from_config(config)
+    config.diffusion.num_diffusion_timesteps = 1000
+    config.diffusion.beta_end = '0.02'
+    with pytest.raises(ValueError, match=r"config\.diffusion\.beta_end='0.02' must be a float"):
+        diffusion.diffusion_from_config(config)

@@ -323,3 +323,15 @@ def test_jsd_schedule_samples_finite_for_x0_and_xprev_models(mean_type, sampler,
     config = _gaussian_config(mean_type, 'fixedlarge', sampler, num_steps, schedule='jsd', num_timesteps=10)
     x = samplers.make_sampler(config)(_exact_gaussian_model(mean_type, betas), (64, 1, 1, 1), jax.random.PRNGKey(0))
     assert np.isfinite(np.asarray(x)).all()
+
+
+def test_sampler_settings_name_a_missing_or_mistyped_key():
+    config = _config('ddim', 4, 0.3)
+    assert samplers.SamplerSettings.from_config(config.sampling).ddim_eta == 0.3
+    del config.sampling['snr']
+    with pytest.raises(ValueError, match=r'config\.sampling\.snr is missing'):
+        samplers.make_sampler(config)
+    config = _config('ddim', 4, 0.3)
+    config.sampling.clip_denoised = 1
+    with pytest.raises(ValueError, match=r'config\.sampling\.clip_denoised=1 must be a bool'):
+        samplers.make_sampler(config)

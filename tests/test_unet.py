@@ -469,3 +469,12 @@ def test_attention_logits_gradient_is_plain_autodiff_in_float64():
     reference = np.einsum('bqk,bkc->bqc', g_rounded, np.asarray(k16, np.float64))
     # bfloat16 output rounding: 2**-8 relative to each entry (the products are exact in float32 accumulation).
     np.testing.assert_allclose(np.asarray(dq16, np.float64), reference, rtol=2 ** -8, atol=1e-6)
+
+
+def test_model_settings_name_a_missing_or_mistyped_key():
+    config = _config()
+    del config.model['remat']
+    with pytest.raises(ValueError, match=r'config\.model\.remat is missing'):
+        create_model(config)
+    with pytest.raises(ValueError, match=r"config\.model\.ch='128' must be a int"):
+        create_model(_config(ch='128'))
