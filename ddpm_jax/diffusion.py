@@ -70,7 +70,8 @@ class GaussianDiffusion:
     hybrid_lambda: float = flax.struct.field(pytree_node=False, default=0.001)
 
 
-def _check_choice(kind, value, allowed):
+def check_choice(kind, value, allowed):
+    """ValueError listing the allowed values unless value is one of them."""
     if value not in allowed:
         raise ValueError(f'unknown {kind} {value!r}; allowed: {", ".join(allowed)}')
 
@@ -98,9 +99,9 @@ def make_diffusion(betas, *, model_mean_type, model_var_type, loss_type, hybrid_
         (nothing would train the variance channels), or 'hybrid' with a fixed variance (the bound term
         would train nothing).
     """
-    _check_choice('model_mean_type', model_mean_type, MODEL_MEAN_TYPES)
-    _check_choice('model_var_type', model_var_type, MODEL_VAR_TYPES)
-    _check_choice('loss_type', loss_type, LOSS_TYPES)
+    check_choice('model_mean_type', model_mean_type, MODEL_MEAN_TYPES)
+    check_choice('model_var_type', model_var_type, MODEL_VAR_TYPES)
+    check_choice('loss_type', loss_type, LOSS_TYPES)
     if loss_type == 'mse' and model_var_type in LEARNED_VAR_TYPES:
         raise ValueError(
             f"loss_type='mse' cannot train model_var_type={model_var_type!r}: the mse loss only sees the mean "

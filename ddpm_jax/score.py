@@ -64,11 +64,6 @@ DIVERGENCES = ('hutchinson_rademacher', 'hutchinson_gaussian', 'exact')
 DOPRI5_EVALS_PER_STEP = 6      # 7 stages, first same as last
 
 
-def _check_choice(kind, value, allowed):
-    if value not in allowed:
-        raise ValueError(f'unknown {kind} {value!r}; allowed: {", ".join(allowed)}')
-
-
 def _per_example(values, x_shape):
     """values [B] -> [B, 1, ..., 1] for broadcasting against x of shape x_shape."""
     return jnp.reshape(values, (x_shape[0],) + (1,) * (len(x_shape) - 1))
@@ -293,7 +288,7 @@ def ode_drift(d, model_fn, x, t):
 
 def _solve(vector_field, y0, t0, t1, *, solver, rtol, atol, num_steps, max_steps=100_000):
     """diffrax solve of dy/dt = vector_field(t, y) from t0 to t1. Returns (y(t1), vector-field calls)."""
-    _check_choice('ode_solver', solver, ODE_SOLVERS)
+    diffusion.check_choice('ode_solver', solver, ODE_SOLVERS)
     term = diffrax.ODETerm(lambda t, y, args: vector_field(t, y))
     if solver == 'adaptive':
         sol = diffrax.diffeqsolve(term, diffrax.Dopri5(), t0, t1, None, y0,
@@ -363,7 +358,7 @@ def ode_log_likelihood(d, model_fn, x, rng, *, divergence='hutchinson_rademacher
     Returns dict(logp [B], prior_logp [B], delta_logp [B], z [B, H, W, C] = x(1), nfe int32: network
     evaluations, a vector-Jacobian product counted as one, i.e. vector-field calls times (D or num_probes)).
     """
-    _check_choice('divergence', divergence, DIVERGENCES)
+    diffusion.check_choice('divergence', divergence, DIVERGENCES)
     if divergence != 'exact' and (int(num_probes) != num_probes or num_probes < 1):
         raise ValueError(f'num_probes={num_probes!r} must be an int >= 1')
     dims = math.prod(x.shape[1:])
