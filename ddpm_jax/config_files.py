@@ -102,6 +102,6 @@ def typed_section(cls, section, name: str):
         value = section[field_name]
         accepted = _ACCEPTED_TYPES[field_type]
         if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted):
-            raise ValueError(f'{key}={value!r} must be a {field_type.__name__}')
+            raise ValueError(f'{key}={value!r} must be of type {field_type.__name__}')
         values[field_name] = field_type(value)
     return cls(**values)

@@ -503,11 +503,10 @@ def test_diffusion_settings_name_a_missing_or_mistyped_key():
     del config.diffusion['hybrid_lambda']
     with pytest.raises(ValueError, match=r'config\.diffusion\.hybrid_lambda is missing'):
         diffusion.diffusion_from_config(config)
-    config = default_config.get_config()
-    config.diffusion.num_diffusion_timesteps = True
-    with pytest.raises(ValueError, match=r'config\.diffusion\.num_diffusion_timesteps=True must be a int'):
-        diffusion.diffusion_from_config(config)
-    config.diffusion.num_diffusion_timesteps = 1000
-    config.diffusion.beta_end = '0.02'
-    with pytest.raises(ValueError, match=r"config\.diffusion\.beta_end='0.02' must be a float"):
-        diffusion.diffusion_from_config(config)
+    # A ConfigDict refuses a value of another type; a plain dict section (or a new key) does not.
+    section = default_config.get_config().diffusion.to_dict()
+    with pytest.raises(ValueError, match=r'config\.diffusion\.num_diffusion_timesteps=True must be of type int'):
+        diffusion.DiffusionSettings.from_config(dict(section, num_diffusion_timesteps=True))
+    with pytest.raises(ValueError, match=r"config\.diffusion\.beta_end='0.02' must be of type float"):
+        diffusion.DiffusionSettings.from_config(dict(section, beta_end='0.02'))
+    assert diffusion.DiffusionSettings.from_config(dict(section, beta_end=1)).beta_end == 1.0

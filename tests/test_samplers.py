@@ -331,7 +331,5 @@ def test_sampler_settings_name_a_missing_or_mistyped_key():
     del config.sampling['snr']
     with pytest.raises(ValueError, match=r'config\.sampling\.snr is missing'):
         samplers.make_sampler(config)
-    config = _config('ddim', 4, 0.3)
-    config.sampling.clip_denoised = 1
-    with pytest.raises(ValueError, match=r'config\.sampling\.clip_denoised=1 must be a bool'):
-        samplers.make_sampler(config)
+    with pytest.raises(ValueError, match=r'config\.sampling\.clip_denoised=1 must be of type bool'):
+        samplers.SamplerSettings.from_config(dict(_sampling().to_dict(), clip_denoised=1))

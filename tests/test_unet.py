@@ -476,5 +476,5 @@ def test_model_settings_name_a_missing_or_mistyped_key():
     del config.model['remat']
     with pytest.raises(ValueError, match=r'config\.model\.remat is missing'):
         create_model(config)
-    with pytest.raises(ValueError, match=r"config\.model\.ch='128' must be a int"):
-        create_model(_config(ch='128'))
+    with pytest.raises(ValueError, match=r"config\.model\.ch='128' must be of type int"):
+        unet.ModelSettings.from_config(dict(_config().model.to_dict(), ch='128'))
