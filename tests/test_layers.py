@@ -38,8 +38,8 @@ SAME_LAYER_EDGES = {
     ('loop', 'train'),
 }
 # Third-party modules that may be imported inside a function: optional or heavy, needed by few code paths.
-LAZY_IMPORTS = {'tensorflow', 'tensorflow_datasets', 'torch', 'tensorboardX', 'safetensors', 'matplotlib', 'sklearn',
-                'array_record',
+LAZY_IMPORTS = {'tensorflow', 'tensorflow_datasets', 'torch', 'tensorboardX', 'safetensors', 'matplotlib',
+                'sklearn',  # only the bundled digits dataset needs scikit-learn
                 # a private orbax module (its location changes between versions), used only to join its threads
                 'orbax.checkpoint._src.futures'}
 # Modules rewritten on other branches; their edges are checked but may still fail until those land.
