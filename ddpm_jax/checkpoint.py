@@ -21,6 +21,7 @@ import re
 import shutil
 import threading
 import time
+from importlib import metadata
 from typing import Any, Callable, Optional
 
 import jax
@@ -28,6 +29,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from flax import traverse_util
+from jax.experimental import multihost_utils
 
 from ddpm_jax import parallel
 from ddpm_jax.errors import UserError
@@ -90,9 +93,8 @@ def checkpoint_dir(workdir: str) -> str:
 
 def package_version() -> str:
     try:
-        from importlib import metadata  # pylint: disable=g-import-not-at-top
         return metadata.version('ddpm_jax')
-    except Exception:  # pylint: disable=broad-except
+    except Exception:
         return 'unknown'
 
 
@@ -173,11 +175,9 @@ def _select(config: dict, dotted: str) -> Any:
 
 
 def _flatten(value: Any, prefix: str) -> dict:
+    """{'<prefix>.<dotted path>': leaf} of a nested dict, or {prefix: value} for a leaf."""
     if isinstance(value, dict):
-        flat = {}
-        for key, sub in value.items():
-            flat.update(_flatten(sub, f'{prefix}.{key}'))
-        return flat
+        return {f'{prefix}.{path}': leaf for path, leaf in traverse_util.flatten_dict(value, sep='.').items()}
     return {prefix: value}
 
 
@@ -234,7 +234,7 @@ def save_params_only(workdir: str, params: Any, config: ml_collections.ConfigDic
     must have the structure and shapes of the config's model (ValueError naming the first mismatch);
     they are stored in the model's param dtypes.
     """
-    from ddpm_jax import train  # pylint: disable=g-import-not-at-top  (train imports this module)
+    from ddpm_jax import train  # train imports this module
     expected = jax.eval_shape(lambda: train.init_params(config, jax.random.key(0)))
     expected_leaves = dict(jax.tree_util.tree_leaves_with_path(expected))
     given_leaves = dict(jax.tree_util.tree_leaves_with_path(params))
@@ -304,7 +304,7 @@ def _read_with_retries(read: Callable[[], Any], step: int, directory: str) -> An
     for attempt, wait in enumerate((*RETRY_WAITS_S, None), start=1):
         try:
             return read()
-        except Exception as error:  # pylint: disable=broad-except
+        except Exception as error:
             if not is_transient(error):
                 raise
             if wait is None:
@@ -326,7 +326,7 @@ def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
         meta = restored[ITEM_META]
     except CheckpointIOError:
         raise
-    except Exception as error:  # pylint: disable=broad-except
+    except Exception as error:
         raise CorruptCheckpointError(f'step {step}: metadata unreadable ({summarize_error(error)})') from error
     if not isinstance(meta, dict) or 'config' not in meta or 'checksums' not in meta:
         raise CorruptCheckpointError(f'step {step}: metadata incomplete: {meta!r:.200}')
@@ -347,7 +347,7 @@ def _restore_items(manager: ocp.CheckpointManager, step: int, targets: dict) -> 
                                       step, str(manager.directory))
     except CheckpointIOError:
         raise
-    except Exception as error:  # pylint: disable=broad-except
+    except Exception as error:
         raise CorruptCheckpointError(f'step {step}: {summarize_error(error)}') from error
     for name in targets:
         if tree_checksum(restored[name]) != meta['checksums'][name]:
@@ -369,7 +369,6 @@ def _quarantine(workdir: str, manager: ocp.CheckpointManager, step: int) -> None
         if os.path.exists(source):
             os.rename(source, target)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
         multihost_utils.sync_global_devices(f'ddpm_jax_quarantine_{step}')
     manager.reload()
 
@@ -444,7 +443,7 @@ def restore_ema_params(workdir: str, config: ml_collections.ConfigDict,
     Returns:
       (params, step).
     """
-    from ddpm_jax import train  # pylint: disable=g-import-not-at-top  (train imports this module)
+    from ddpm_jax import train  # train imports this module
     if not os.path.isdir(checkpoint_dir(workdir)):
         raise CheckpointNotFoundError(f'no checkpoints directory {checkpoint_dir(workdir)}; train first or pass the '
                                       'workdir of a run (or one written by the converter).')
@@ -498,7 +497,7 @@ def remove_unfinished_saves(workdir: str, timeout_s: float = 60.0) -> list:
     directory = checkpoint_dir(workdir)
     if jax.process_index() != 0 or not os.path.isdir(directory):
         return []
-    from orbax.checkpoint._src.futures import future as orbax_future  # pylint: disable=g-import-not-at-top
+    from orbax.checkpoint._src.futures import future as orbax_future
     for thread in threading.enumerate():
         if isinstance(thread, getattr(orbax_future, '_SignalingThread', ())):
             thread.join(timeout_s)
@@ -518,7 +517,7 @@ def restore_eval_params(workdir: str, config: ml_collections.ConfigDict, step: O
     """
     if use_ema:
         return restore_ema_params(workdir, config, step)
-    from ddpm_jax import train  # pylint: disable=g-import-not-at-top  (train imports this module)
+    from ddpm_jax import train  # train imports this module
     if not os.path.isdir(checkpoint_dir(workdir)):
         raise CheckpointNotFoundError(f'no checkpoints directory {checkpoint_dir(workdir)}; train first.')
     mesh = parallel.make_mesh()

@@ -14,6 +14,7 @@ they are not a package, so one config builds on another by loading it by path:
 """
 import importlib.util
 import os
+import typing
 from typing import Sequence
 
 import ml_collections
@@ -72,3 +73,35 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
 def load_sibling_config(this_file: str, file_name: str) -> ml_collections.ConfigDict:
     """`get_config()` of the config file `file_name` in the same folder as `this_file`."""
     return load_config_file(os.path.join(os.path.dirname(os.path.abspath(this_file)), file_name))
+
+
+
+# The Python types a config value may have for each annotated field type (an int is a valid float).
+_ACCEPTED_TYPES = {str: (str,), int: (int,), float: (int, float), bool: (bool,), tuple: (tuple, list)}
+
+
+def typed_section(cls, section, name: str):
+    """An instance of the dataclass `cls` from the keys of one config section, each checked for its type.
+
+    Args:
+      cls: a dataclass whose fields are annotated str, int, float, bool or tuple; one key is read per field.
+      section: the config section (an ml_collections.ConfigDict, or a dict).
+      name: the section's name in messages, e.g. 'diffusion'.
+
+    Returns:
+      cls(**values) with ints widened to float for float fields and lists turned into tuples.
+
+    Raises:
+      ValueError: a key is missing or has the wrong type; the message names config.<name>.<key>.
+    """
+    values = {}
+    for field_name, field_type in typing.get_type_hints(cls).items():
+        key = f'config.{name}.{field_name}'
+        if field_name not in section:
+            raise ValueError(f'{key} is missing; every key of configs/default.py must be set')
+        value = section[field_name]
+        accepted = _ACCEPTED_TYPES[field_type]
+        if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted):
+            raise ValueError(f'{key}={value!r} must be of type {field_type.__name__}')
+        values[field_name] = field_type(value)
+    return cls(**values)

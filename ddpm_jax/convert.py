@@ -25,13 +25,18 @@ needs `pip install tensorflow-cpu`), or a diffusers model directory or weights f
 import json
 import os
 import re
+import sys
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags, logging
+from flax import traverse_util
+from ml_collections import config_flags
 
-from ddpm_jax.models.unet import UNet
+from ddpm_jax import checkpoint, config_files, progress
+from ddpm_jax.models.unet import UNet, create_model
 
 EMA_SUFFIX = '/ExponentialMovingAverage'
 _OPTIMIZER_SLOT_SUFFIXES = ('/Adam', '/Adam_1')
@@ -59,28 +64,6 @@ def abstract_params(model: UNet, *, image_size: int, channels: int) -> dict:
         x = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
         return model.init(jax.random.key(0), x, jnp.zeros((1,), jnp.int32), train=False)['params']
     return jax.eval_shape(init)
-
-
-def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
-    """Nested dict -> {path tuple: leaf}."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, prefix + (key,)))
-        else:
-            flat[prefix + (key,)] = value
-    return flat
-
-
-def _unflatten(flat: Mapping[tuple, Any]) -> dict:
-    """{path tuple: leaf} -> nested dict."""
-    tree = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
 
 
 def _official_to_flax_path(name: str) -> tuple | None:
@@ -127,7 +110,7 @@ def official_tf_to_flax(variables: Mapping[str, Any], model: UNet, *, image_size
     """
     source_names = source_names or {}
     named = select_model_variables(variables, use_ema=use_ema)
-    expected = _flatten(abstract_params(model, image_size=image_size, channels=channels))
+    expected = traverse_util.flatten_dict(abstract_params(model, image_size=image_size, channels=channels))
     flat, unknown = {}, []
     for name, value in named.items():
         path = _official_to_flax_path(name)
@@ -149,7 +132,8 @@ def official_tf_to_flax(variables: Mapping[str, Any], model: UNet, *, image_size
         raise ValueError(f'checkpoint does not match UNet(ch={model.ch}, ch_mult={tuple(model.ch_mult)}, '
                          f'num_res_blocks={model.num_res_blocks}, attn_resolutions={tuple(model.attn_resolutions)}, '
                          f'out_ch={model.out_ch}) at {image_size}x{image_size}x{channels}; ' + '; '.join(problems))
-    return _unflatten({path: np.asarray(value, dtype=model.param_dtype) for path, (_, value) in flat.items()})
+    params = {path: np.asarray(value, dtype=model.param_dtype) for path, (_, value) in flat.items()}
+    return traverse_util.unflatten_dict(params)
 
 
 def _flax_path_to_official(path: tuple, flat_params: Mapping[tuple, Any]) -> str:
@@ -162,7 +146,7 @@ def _flax_path_to_official(path: tuple, flat_params: Mapping[tuple, Any]) -> str
 
 def flax_to_official_tf(params: Mapping) -> dict[str, np.ndarray]:
     """Flax params of a UNet -> {official TF variable name: numpy array}; the inverse of `official_tf_to_flax`."""
-    flat = _flatten(params)
+    flat = traverse_util.flatten_dict(params)
     return {_flax_path_to_official(path, flat): np.asarray(value) for path, value in flat.items()}
 
 
@@ -331,7 +315,6 @@ def read_diffusers_weights(path: str) -> tuple[dict[str, np.ndarray], dict]:
 
 def convert(source: str, config, *, use_ema: bool = True) -> tuple[dict, int]:
     """(Flax params, step) for the model of `config` from an official TF checkpoint prefix or diffusers weights."""
-    from ddpm_jax.models.unet import create_model
     model = create_model(config)
     shape = dict(image_size=config.data.image_size, channels=config.data.channels)
     if os.path.exists(source + '.index'):
@@ -343,31 +326,22 @@ def convert(source: str, config, *, use_ema: bool = True) -> tuple[dict, int]:
 
 
 def main(argv):
-    from absl import flags, logging
-
-    from ddpm_jax.checkpoint import save_params_only
-    from ddpm_jax.progress import quiet_libraries
     if len(argv) > 1:
         raise ValueError(f'unexpected arguments {argv[1:]}')
-    quiet_libraries()
+    progress.quiet_libraries()
     FLAGS = flags.FLAGS
     params, step = convert(FLAGS.source, FLAGS.config, use_ema=FLAGS.use_ema)
     step = step if FLAGS.step < 0 else FLAGS.step
-    save_params_only(FLAGS.workdir, params, FLAGS.config, step)
+    checkpoint.save_params_only(FLAGS.workdir, params, FLAGS.config, step)
     count = sum(np.size(leaf) for leaf in jax.tree.leaves(params))
     logging.info('wrote %d parameters from %s to %s (step %d)', count, FLAGS.source, FLAGS.workdir, step)
 
 
 if __name__ == '__main__':
-    from absl import app, flags
-    from ml_collections import config_flags
-
     flags.DEFINE_string('source', None, 'official TF checkpoint prefix, or diffusers model dir / .safetensors / .bin')
     config_flags.DEFINE_config_file('config', None, 'experiment config file, e.g. configs/cifar10.py')
     flags.DEFINE_string('workdir', None, 'directory to write the checkpoint to')
     flags.DEFINE_bool('use_ema', True, 'take the EMA shadow weights of a TF checkpoint when present')
     flags.DEFINE_integer('step', -1, 'step to record; -1: the checkpoint global_step (TF) or 0 (diffusers)')
     flags.mark_flags_as_required(['source', 'config', 'workdir'])
-    import sys
-    from ddpm_jax import config_files
     app.run(main, argv=config_files.resolve_config_argv(sys.argv))  # --config=ddpm_jax:cifar10

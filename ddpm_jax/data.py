@@ -34,7 +34,9 @@ import itertools
 import os
 from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 
+import jax
 import numpy as np
+from PIL import Image, JpegImagePlugin
 
 from ddpm_jax.errors import UserError
 
@@ -76,7 +78,6 @@ def _to_8_bit(image):
     """A PIL image with 8-bit channels: 16-bit grayscale (modes 'I;16*', 'I') scaled by round(v * 255 / 65535),
     where PIL's convert('L') would clip every value above 255; other images unchanged (PIL itself keeps
     the high byte of 16-bit RGB(A) PNGs)."""
-    from PIL import Image
     if image.mode not in _SIXTEEN_BIT_MODES:
         return image
     values = np.asarray(image).astype(np.int64)
@@ -89,7 +90,6 @@ def _to_8_bit(image):
 def _fit_image(image, image_size: int, mode: str) -> np.ndarray:
     """A PIL image -> uint8 [image_size, image_size, C]: convert to `mode` ('RGB' or 'L'),
     center-crop to a square, resize with Lanczos filtering (skipped when already the size)."""
-    from PIL import Image
     image = _to_8_bit(image).convert(mode)
     width, height = image.size
     side = min(width, height)
@@ -140,7 +140,6 @@ class DigitsSource:
             raise ValueError(f'The digits are grayscale: set config.data.channels=1 (got {channels}).')
         images = _digits_uint8()[DIGITS_SPLITS[split]]
         if image_size != images.shape[1]:
-            from PIL import Image
             images = np.stack([
                 np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.Resampling.BICUBIC))
                 for image in images])
@@ -178,7 +177,6 @@ def check_image_file(path: str) -> None:
     CRC, up to the end chunk); JPEGs are decoded at 1/8 scale (PIL's draft mode skips most of the inverse
     DCT but still reads every byte, so a truncated file fails); anything else is decoded. Images of more
     than PIL.Image.MAX_IMAGE_PIXELS pixels (PIL's decompression-bomb limit) are refused from their header."""
-    from PIL import Image, JpegImagePlugin
     with Image.open(path) as image:
         width, height = image.size
         if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
@@ -197,7 +195,7 @@ def _file_problem(path: str) -> Optional[str]:
     """None when check_image_file(path) passes, else its error as text."""
     try:
         check_image_file(path)
-    except Exception as error:  # pylint: disable=broad-except  # PIL raises many types for bad files
+    except Exception as error:  # PIL raises many types for bad files
         return f'{type(error).__name__}: {error}'
     return None
 
@@ -235,12 +233,11 @@ class FolderSource:
         return len(self.paths)
 
     def _read(self, index: int) -> np.ndarray:
-        from PIL import Image
         path = self.paths[index]
         try:
             with Image.open(path) as image:
                 return _fit_image(image, self._image_size, self._mode)
-        except Exception as error:  # pylint: disable=broad-except  # the file changed after the scan
+        except Exception as error:  # the file changed after the scan
             raise DataError(f'Image file {path} cannot be read ({type(error).__name__}: {error}); '
                                  'delete, move or re-encode it.') from error
 
@@ -315,7 +312,6 @@ class TfdsSource:
         image = np.asarray(self._source[index]['image'], dtype=np.uint8)
         if self._fixed_size:
             return image
-        from PIL import Image
         return _fit_image(Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image),
                           self._image_size, self._mode)
 
@@ -350,7 +346,6 @@ def load_source(config, split: str):
 def _process_slice(batch_size: int, process_index: Optional[int], process_count: Optional[int],
                    what: str) -> Tuple[int, int]:
     """(start, size) of this host's contiguous slice of a global batch of `batch_size`."""
-    import jax
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if process_count < 1 or not 0 <= process_index < process_count:

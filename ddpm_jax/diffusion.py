@@ -1,7 +1,8 @@
-"""Gaussian diffusion (DDPM): forward process, posterior, reverse step, samplers and training losses.
+"""Gaussian diffusion (DDPM): forward process, posterior, reverse step and the ancestral sampler.
 
-Pure functions over a `GaussianDiffusion` pytree of coefficient tables. Semantics follow the
-official `GaussianDiffusion2` (diffusion_tf/diffusion_utils_2.py; SPEC.md section 3), quirks included:
+Pure functions over a `GaussianDiffusion` pytree of coefficient tables (paper Sec. 2-3; the training losses
+are in `losses`, the bound in `likelihood`). Semantics follow the official `GaussianDiffusion2`
+(diffusion_tf/diffusion_utils_2.py), quirks included:
 
 * the tables are computed in float64 numpy and converted once to the default float dtype (float32,
   or float64 under `jax.enable_x64(True)`), like the official float32 cast at use;
@@ -20,6 +21,7 @@ Per-step functions take the model's output array; loops take `model_fn(x [B,H,W,
 Randomness in the loops: x_T is drawn with `jax.random.fold_in(rng, T)` and the noise added at step t
 with `jax.random.fold_in(rng, t)`, so every draw is a function of (rng, t) only.
 """
+import dataclasses
 from typing import Any, Callable
 
 import flax.struct
@@ -27,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import schedules
+from ddpm_jax import config_files, schedules
 
 MODEL_MEAN_TYPES = ('eps', 'xstart', 'xprev')
 MODEL_VAR_TYPES = ('fixedsmall', 'fixedlarge', 'learned', 'learned_range')
@@ -68,7 +70,8 @@ class GaussianDiffusion:
     hybrid_lambda: float = flax.struct.field(pytree_node=False, default=0.001)
 
 
-def _check_choice(kind, value, allowed):
+def check_choice(kind, value, allowed):
+    """ValueError listing the allowed values unless value is one of them."""
     if value not in allowed:
         raise ValueError(f'unknown {kind} {value!r}; allowed: {", ".join(allowed)}')
 
@@ -96,9 +99,9 @@ def make_diffusion(betas, *, model_mean_type, model_var_type, loss_type, hybrid_
         (nothing would train the variance channels), or 'hybrid' with a fixed variance (the bound term
         would train nothing).
     """
-    _check_choice('model_mean_type', model_mean_type, MODEL_MEAN_TYPES)
-    _check_choice('model_var_type', model_var_type, MODEL_VAR_TYPES)
-    _check_choice('loss_type', loss_type, LOSS_TYPES)
+    check_choice('model_mean_type', model_mean_type, MODEL_MEAN_TYPES)
+    check_choice('model_var_type', model_var_type, MODEL_VAR_TYPES)
+    check_choice('loss_type', loss_type, LOSS_TYPES)
     if loss_type == 'mse' and model_var_type in LEARNED_VAR_TYPES:
         raise ValueError(
             f"loss_type='mse' cannot train model_var_type={model_var_type!r}: the mse loss only sees the mean "
@@ -147,23 +150,43 @@ def make_diffusion(betas, *, model_mean_type, model_var_type, loss_type, hybrid_
         num_timesteps=int(betas.shape[0]), hybrid_lambda=float(hybrid_lambda))
 
 
-def diffusion_from_config(config):
-    """`make_diffusion` from config.diffusion (beta_schedule, beta_start, beta_end, num_diffusion_timesteps,
-    model_mean_type, model_var_type, loss_type, hybrid_lambda)."""
-    c = config.diffusion
-    betas = schedules.get_beta_schedule(
-        c.beta_schedule, beta_start=c.beta_start, beta_end=c.beta_end,
-        num_diffusion_timesteps=c.num_diffusion_timesteps)
-    return make_diffusion(betas, model_mean_type=c.model_mean_type, model_var_type=c.model_var_type,
-                          loss_type=c.loss_type, hybrid_lambda=c.get('hybrid_lambda', 0.001))
+@dataclasses.dataclass(frozen=True)
+class DiffusionSettings:
+    """config.diffusion as typed values (one field per key); build it once with `from_config`."""
+    beta_schedule: str
+    beta_start: float
+    beta_end: float
+    num_diffusion_timesteps: int
+    model_mean_type: str
+    model_var_type: str
+    loss_type: str
+    hybrid_lambda: float
+
+    @classmethod
+    def from_config(cls, diffusion_config) -> 'DiffusionSettings':
+        """Reads config.diffusion; ValueError naming config.diffusion.<key> when a key is missing or mistyped."""
+        return config_files.typed_section(cls, diffusion_config, 'diffusion')
 
 
-def _check_same_shape(name_a, a, name_b, b):
+def diffusion_from_settings(settings: DiffusionSettings) -> GaussianDiffusion:
+    """`make_diffusion` of the schedule and parameterisation that `settings` names."""
+    return make_diffusion(schedules.betas_from_config(settings), model_mean_type=settings.model_mean_type,
+                          model_var_type=settings.model_var_type, loss_type=settings.loss_type,
+                          hybrid_lambda=settings.hybrid_lambda)
+
+
+def diffusion_from_config(config) -> GaussianDiffusion:
+    """The diffusion of config.diffusion (the boundary adapter of `diffusion_from_settings`)."""
+    return diffusion_from_settings(DiffusionSettings.from_config(config.diffusion))
+
+
+def check_same_shape(name_a, a, name_b, b):
+    """ValueError naming both arrays unless a and b have the same shape."""
     if tuple(a.shape) != tuple(b.shape):
         raise ValueError(f'{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}')
 
 
-def _extract(table, t, x_shape):
+def extract(table, t, x_shape):
     """table[t] reshaped to [B, 1, ..., 1] so that it broadcasts against x of shape x_shape = [B, ...]."""
     t = jnp.asarray(t)
     if t.ndim != 1 or len(x_shape) < 1 or t.shape[0] != x_shape[0]:
@@ -183,9 +206,9 @@ def q_mean_variance(d, x_start, t):
     Args: x_start [B, H, W, C]; t [B] int.
     Returns: (mean [B, H, W, C], variance [B, 1, 1, 1], log_variance [B, 1, 1, 1]).
     """
-    mean = _extract(d.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-    variance = _extract(1.0 - d.alphas_cumprod, t, x_start.shape)
-    log_variance = _extract(d.log_one_minus_alphas_cumprod, t, x_start.shape)
+    mean = extract(d.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+    variance = extract(1.0 - d.alphas_cumprod, t, x_start.shape)
+    log_variance = extract(d.log_one_minus_alphas_cumprod, t, x_start.shape)
     return mean, variance, log_variance
 
 
@@ -194,9 +217,9 @@ def q_sample(d, x_start, t, noise):
 
     Args: x_start, noise [B, H, W, C]; t [B] int. Returns: x_t [B, H, W, C].
     """
-    _check_same_shape('x_start', x_start, 'noise', noise)
-    return (_extract(d.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-            + _extract(d.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
+    check_same_shape('x_start', x_start, 'noise', noise)
+    return (extract(d.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+            + extract(d.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
 
 
 def q_posterior_mean_variance(d, x_start, x_t, t):
@@ -206,11 +229,11 @@ def q_posterior_mean_variance(d, x_start, x_t, t):
     Returns: (mean [B, H, W, C], variance [B, 1, 1, 1], log_variance_clipped [B, 1, 1, 1]); at t=0 the
       variance is 0 and the clipped log-variance is log(posterior_variance[1]).
     """
-    _check_same_shape('x_start', x_start, 'x_t', x_t)
-    mean = (_extract(d.posterior_mean_coef1, t, x_t.shape) * x_start
-            + _extract(d.posterior_mean_coef2, t, x_t.shape) * x_t)
-    variance = _extract(d.posterior_variance, t, x_t.shape)
-    log_variance_clipped = _extract(d.posterior_log_variance_clipped, t, x_t.shape)
+    check_same_shape('x_start', x_start, 'x_t', x_t)
+    mean = (extract(d.posterior_mean_coef1, t, x_t.shape) * x_start
+            + extract(d.posterior_mean_coef2, t, x_t.shape) * x_t)
+    variance = extract(d.posterior_variance, t, x_t.shape)
+    log_variance_clipped = extract(d.posterior_log_variance_clipped, t, x_t.shape)
     return mean, variance, log_variance_clipped
 
 
@@ -219,9 +242,9 @@ def predict_xstart_from_eps(d, x_t, t, eps):
 
     Args: x_t, eps [B, H, W, C]; t [B] int. Returns: x_0 [B, H, W, C].
     """
-    _check_same_shape('x_t', x_t, 'eps', eps)
-    return (_extract(d.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-            - _extract(d.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps)
+    check_same_shape('x_t', x_t, 'eps', eps)
+    return (extract(d.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+            - extract(d.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps)
 
 
 def predict_xstart_from_xprev(d, x_t, t, xprev):
@@ -229,12 +252,12 @@ def predict_xstart_from_xprev(d, x_t, t, xprev):
 
     Args: x_t, xprev [B, H, W, C]; t [B] int. Returns: x_0 [B, H, W, C].
     """
-    _check_same_shape('x_t', x_t, 'xprev', xprev)
-    return (_extract(d.recip_posterior_mean_coef1, t, x_t.shape) * xprev
-            - _extract(d.posterior_mean_coef2_over_coef1, t, x_t.shape) * x_t)
+    check_same_shape('x_t', x_t, 'xprev', xprev)
+    return (extract(d.recip_posterior_mean_coef1, t, x_t.shape) * xprev
+            - extract(d.posterior_mean_coef2_over_coef1, t, x_t.shape) * x_t)
 
 
-def _split_model_output(d, model_output, x_t):
+def split_model_output(d, model_output, x_t):
     """(mean part [B, H, W, C], variance part [B, H, W, C] or None) of the model output."""
     expected_channels = 2 * x_t.shape[-1] if d.model_var_type in LEARNED_VAR_TYPES else x_t.shape[-1]
     expected_shape = tuple(x_t.shape[:-1]) + (expected_channels,)
@@ -259,22 +282,22 @@ def p_mean_variance(d, model_output, x_t, t, *, clip_denoised):
       log_variance is log(posterior_variance[1]) while variance is betas[0] (official quirk; only the
       log-variance is used downstream).
     """
-    mean_output, var_output = _split_model_output(d, model_output, x_t)
+    mean_output, var_output = split_model_output(d, model_output, x_t)
     shape = x_t.shape
     if d.model_var_type == 'learned':
         log_variance = var_output
     elif d.model_var_type == 'learned_range':
         frac = (var_output + 1.0) / 2.0
-        log_variance = (frac * _extract(d.log_betas, t, shape)
-                        + (1.0 - frac) * _extract(d.posterior_log_variance_clipped, t, shape))
+        log_variance = (frac * extract(d.log_betas, t, shape)
+                        + (1.0 - frac) * extract(d.posterior_log_variance_clipped, t, shape))
     elif d.model_var_type == 'fixedsmall':
-        log_variance = jnp.broadcast_to(_extract(d.posterior_log_variance_clipped, t, shape), shape)
+        log_variance = jnp.broadcast_to(extract(d.posterior_log_variance_clipped, t, shape), shape)
     else:
-        log_variance = jnp.broadcast_to(_extract(d.fixedlarge_log_variance, t, shape), shape)
+        log_variance = jnp.broadcast_to(extract(d.fixedlarge_log_variance, t, shape), shape)
     if d.model_var_type == 'fixedsmall':
-        variance = jnp.broadcast_to(_extract(d.posterior_variance, t, shape), shape)
+        variance = jnp.broadcast_to(extract(d.posterior_variance, t, shape), shape)
     elif d.model_var_type == 'fixedlarge':
-        variance = jnp.broadcast_to(_extract(d.betas, t, shape), shape)
+        variance = jnp.broadcast_to(extract(d.betas, t, shape), shape)
     else:
         variance = jnp.exp(log_variance)
 
@@ -294,7 +317,7 @@ def p_mean_variance(d, model_output, x_t, t, *, clip_denoised):
 
 
 def _p_sample_with_pred_xstart(d, model_output, x_t, t, noise, clip_denoised):
-    _check_same_shape('x_t', x_t, 'noise', noise)
+    check_same_shape('x_t', x_t, 'noise', noise)
     out = p_mean_variance(d, model_output, x_t, t, clip_denoised=clip_denoised)
     nonzero_mask = (jnp.asarray(t) != 0).reshape((x_t.shape[0],) + (1,) * (x_t.ndim - 1))
     sample = out['mean'] + nonzero_mask * jnp.exp(0.5 * out['log_variance']) * noise
@@ -310,19 +333,66 @@ def p_sample(d, model_output, x_t, t, noise, *, clip_denoised=True):
     return _p_sample_with_pred_xstart(d, model_output, x_t, t, noise, clip_denoised)[0]
 
 
-def _check_sample_shape(shape):
+def check_sample_shape(shape):
+    """The sample shape [B, ...] as a tuple of ints; ValueError when it has fewer than two axes."""
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2:
         raise ValueError(f'shape must be [B, ...] (e.g. [B, H, W, C]), got {shape}')
     return shape
 
 
-def _noise(key, shape, dtype):
-    return jax.random.normal(key, shape, dtype=dtype)
+def _ancestral_steps(d, model_fn: ModelFn, x, rng, *, t_start, t_stop, clip_denoised, share_noise_across_batch,
+                     record=None, record_init=None):
+    """The one ancestral loop: p_sample at t = t_start, ..., t_stop as one lax.fori_loop.
+
+    The noise of step t is normal(fold_in(rng, t)) of shape x.shape (or [1, H, W, C] broadcast over the
+    batch with share_noise_across_batch). `record(state, t, pred_xstart) -> state` folds each step's
+    predicted x_0 into a state that starts at record_init. Returns (x_{t_stop - 1}, state).
+    """
+    shape = x.shape
+    noise_shape = (1,) + shape[1:] if share_noise_across_batch else shape
+    num_steps = t_start - t_stop + 1
+    num_steps = max(num_steps, 0) if isinstance(num_steps, int) else jnp.maximum(num_steps, 0)
+
+    def body(i, carry):
+        x, state = carry
+        t_scalar = t_start - i
+        t = jnp.full((shape[0],), t_scalar, dtype=jnp.int32)
+        noise = jnp.broadcast_to(jax.random.normal(jax.random.fold_in(rng, t_scalar), noise_shape, x.dtype), shape)
+        x_prev, pred_xstart = _p_sample_with_pred_xstart(d, model_fn(x, t), x, t, noise, clip_denoised)
+        if record is not None:
+            state = record(state, t_scalar, pred_xstart)
+        return x_prev.astype(x.dtype), state
+
+    return jax.lax.fori_loop(0, num_steps, body, (x, record_init))
+
+
+def p_sample_range(d, model_fn: ModelFn, x, rng, *, t_start, t_stop=0, clip_denoised=True,
+                   share_noise_across_batch=False):
+    """Ancestral steps t = t_start, t_start-1, ..., t_stop of `d` starting from x = x_{t_start}.
+
+    Args:
+      model_fn: (x [B, H, W, C], t [B] int32) -> model output; traced once.
+      x: [B, H, W, C], the sample at code timestep t_start.
+      rng: a PRNG key; the noise of step t is normal(fold_in(rng, t)).
+      t_start, t_stop: ints, may be traced (one compilation for every t); t_start < t_stop runs no step.
+      share_noise_across_batch: draw each step's noise once for [1, H, W, C] and broadcast it (so that every
+        image of the batch sees the same reverse noise, as the paper's interpolations, Sec. 4.3 and App. D).
+
+    Returns:
+      x_{t_stop - 1} [B, H, W, C] in x's dtype (x_0, the noise-free decoder mean, when t_stop = 0).
+    """
+    return _ancestral_steps(d, model_fn, x, rng, t_start=t_start, t_stop=t_stop, clip_denoised=clip_denoised,
+                            share_noise_across_batch=share_noise_across_batch)[0]
+
+
+def _initial_noise(d, shape, rng):
+    """x_T ~ N(0, I) [B, H, W, C] in the tables' float dtype, drawn from fold_in(rng, T)."""
+    return jax.random.normal(jax.random.fold_in(rng, d.num_timesteps), check_sample_shape(shape), d.betas.dtype)
 
 
 def p_sample_loop(d, model_fn: ModelFn, shape, rng, *, clip_denoised=True):
-    """Algorithm 2: x_T ~ N(0, I), then p_sample for t = T-1 .. 0, as one lax.fori_loop.
+    """Algorithm 2 (paper Sec. 3.2): x_T ~ N(0, I), then p_sample for t = T-1 .. 0, as one lax.fori_loop.
 
     Args:
       model_fn: (x [B, H, W, C], t [B] int32) -> model output; traced once.
@@ -336,23 +406,13 @@ def p_sample_loop(d, model_fn: ModelFn, shape, rng, *, clip_denoised=True):
     Called eagerly, the loop is traced and compiled on every call; wrap the caller in jax.jit (with the
     GaussianDiffusion and the params as arguments) to compile once.
     """
-    shape = _check_sample_shape(shape)
-    num_timesteps = d.num_timesteps
-    dtype = d.betas.dtype
-    x_init = _noise(jax.random.fold_in(rng, num_timesteps), shape, dtype)
-
-    def body(i, x):
-        t = num_timesteps - 1 - i
-        t_batch = jnp.full((shape[0],), t, dtype=jnp.int32)
-        noise = _noise(jax.random.fold_in(rng, t), shape, dtype)
-        x_prev, _ = _p_sample_with_pred_xstart(d, model_fn(x, t_batch), x, t_batch, noise, clip_denoised)
-        return x_prev.astype(dtype)
-
-    return jax.lax.fori_loop(0, num_timesteps, body, x_init)
+    return p_sample_range(d, model_fn, _initial_noise(d, shape, rng), rng, t_start=d.num_timesteps - 1,
+                          clip_denoised=clip_denoised)
 
 
 def p_sample_loop_progressive(d, model_fn: ModelFn, shape, rng, *, freq=50, clip_denoised=True):
-    """`p_sample_loop` that also records the predicted x_0 every `freq` steps.
+    """`p_sample_loop` that also records the predicted x_0 every `freq` steps (official
+    diffusion_utils_2.py `p_sample_loop_progressive`, paper Fig. 6).
 
     Same draws as `p_sample_loop` for the same rng, so x_0 is identical.
 
@@ -360,61 +420,18 @@ def p_sample_loop_progressive(d, model_fn: ModelFn, shape, rng, *, freq=50, clip
       (x_0 [B, H, W, C], pred_xstart [B, T // freq, H, W, C]) where slot n holds the prediction made at
       t = n * freq (official include_xstartpred_freq semantics).
     """
-    shape = _check_sample_shape(shape)
     if int(freq) != freq or freq < 1:
         raise ValueError(f'freq must be a positive int, got {freq!r}')
     freq = int(freq)
-    num_timesteps = d.num_timesteps
-    num_slots = num_timesteps // freq
-    dtype = d.betas.dtype
-    x_init = _noise(jax.random.fold_in(rng, num_timesteps), shape, dtype)
-    preds_init = jnp.zeros((shape[0], num_slots) + shape[1:], dtype=dtype)
+    x_init = _initial_noise(d, shape, rng)
+    num_slots = d.num_timesteps // freq
 
-    def body(i, carry):
-        x, preds = carry
-        t = num_timesteps - 1 - i
-        t_batch = jnp.full((shape[0],), t, dtype=jnp.int32)
-        noise = _noise(jax.random.fold_in(rng, t), shape, dtype)
-        x_prev, pred_xstart = _p_sample_with_pred_xstart(
-            d, model_fn(x, t_batch), x, t_batch, noise, clip_denoised)
+    def record(preds, t, pred_xstart):
         # Out-of-range slots (t not a multiple of freq, or past the last slot) are dropped.
         slot = jnp.where(t % freq == 0, t // freq, num_slots)
-        preds = preds.at[:, slot].set(pred_xstart.astype(dtype), mode='drop')
-        return x_prev.astype(dtype), preds
+        return preds.at[:, slot].set(pred_xstart.astype(preds.dtype), mode='drop')
 
-    return jax.lax.fori_loop(0, num_timesteps, body, (x_init, preds_init))
-
-
-def training_losses(d, model_output, x_start, x_t, t, noise):
-    """Per-example training loss of the model's output at x_t = q_sample(x_start, t, noise).
-
-    loss_type
-      mse:    meanflat((target - mean output)^2), target = noise (eps), x_start (xstart) or the posterior
-              mean (xprev). For eps this is L_simple.
-      kl:     the bound term L_t in bits/dim (`likelihood.vb_terms_bpd`, clip_denoised=False).
-      hybrid: mse + hybrid_lambda * T * L_t, with L_t evaluated on the mean output under stop_gradient so
-              that it trains only the variance. T * L_t is the one-sample estimate of the full bound
-              L_vlb = sum_t L_t under uniform t, so hybrid_lambda = 0.001 is Improved DDPM's lambda.
-
-    Args: model_output [B, H, W, C or 2C]; x_start, x_t, noise [B, H, W, C]; t [B] int.
-    Returns: loss [B] (float32; float64 when the tables are float64).
-    """
-    from ddpm_jax import likelihood  # likelihood imports this module
-
-    _check_same_shape('x_start', x_start, 'x_t', x_t)
-    _check_same_shape('x_start', x_start, 'noise', noise)
-    mean_output, var_output = _split_model_output(d, model_output, x_t)
-    if d.loss_type == 'kl':
-        return likelihood.vb_terms_bpd(d, model_output, x_start, x_t, t, clip_denoised=False)[0]
-    if d.model_mean_type == 'eps':
-        target = noise
-    elif d.model_mean_type == 'xstart':
-        target = x_start
-    else:
-        target, _, _ = q_posterior_mean_variance(d, x_start, x_t, t)
-    loss = meanflat(jnp.square(target - mean_output))
-    if d.loss_type == 'hybrid':
-        frozen_output = jnp.concatenate([jax.lax.stop_gradient(mean_output), var_output], axis=-1)
-        bound_term = likelihood.vb_terms_bpd(d, frozen_output, x_start, x_t, t, clip_denoised=False)[0]
-        loss = loss + d.hybrid_lambda * d.num_timesteps * bound_term
-    return loss
+    preds_init = jnp.zeros((x_init.shape[0], num_slots) + x_init.shape[1:], dtype=x_init.dtype)
+    return _ancestral_steps(d, model_fn, x_init, rng, t_start=d.num_timesteps - 1, t_stop=0,
+                            clip_denoised=clip_denoised, share_noise_across_batch=False,
+                            record=record, record_init=preds_init)

@@ -629,10 +629,10 @@ def shared_xt_samples(d, model_fn, shape, rng, t: int, num_shared: int, *, clip_
     the shared chain from fold_in(rng, 1), the continuations from fold_in(rng, 2)."""
     num_timesteps = d.num_timesteps
     x_big_t = jax.random.normal(jax.random.fold_in(rng, 0), (1,) + tuple(shape))
-    x_t = samplers.p_sample_range(d, model_fn, x_big_t, jax.random.fold_in(rng, 1), t_start=num_timesteps - 1,
+    x_t = diffusion_lib.p_sample_range(d, model_fn, x_big_t, jax.random.fold_in(rng, 1), t_start=num_timesteps - 1,
                                   t_stop=t + 1, clip_denoised=clip_denoised)
     branches = jnp.broadcast_to(x_t, (num_shared,) + tuple(shape))
-    samples = samplers.p_sample_range(d, model_fn, branches, jax.random.fold_in(rng, 2), t_start=t, t_stop=0,
+    samples = diffusion_lib.p_sample_range(d, model_fn, branches, jax.random.fold_in(rng, 2), t_start=t, t_stop=0,
                                       clip_denoised=clip_denoised)
     return x_t, samples
 
@@ -673,7 +673,7 @@ def interpolate_images(d, model_fn, x_a, x_b, t, lambdas, rng, *, clip_denoised=
     x_t_b = diffusion_lib.q_sample(d, x_b, t_vec, eps)
     lam = jnp.asarray(lambdas, x_a.dtype).reshape(-1, 1, 1, 1)
     mixed = (1.0 - lam) * x_t_a + lam * x_t_b
-    decoded = samplers.p_sample_range(d, model_fn, mixed, jax.random.fold_in(rng, 1), t_start=t, t_stop=0,
+    decoded = diffusion_lib.p_sample_range(d, model_fn, mixed, jax.random.fold_in(rng, 1), t_start=t, t_stop=0,
                                       clip_denoised=clip_denoised, share_noise_across_batch=True)
     return mixed, decoded
 

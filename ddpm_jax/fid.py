@@ -1,8 +1,9 @@
 """FID and Inception Score: feature statistics, the Frechet distance, the IS, cached reference stats.
 
 Everything here is float64 numpy on the host except the Inception forward pass, `make_inception_fn`.
-Protocol (SPEC.md section 6): features are the FID Inception-v3's 2048-d pool3 outputs of images in
-[-1, 1] resized to 299x299; statistics are the mean and the sample covariance (divisor n - 1);
+Protocol (paper Sec. 4; official tpu_utils.py `EvalWorker`; TTUR's fid.py): features are the FID
+Inception-v3's 2048-d pool3 outputs of images in [-1, 1] resized to 299x299; statistics are the mean and the
+sample covariance (divisor n - 1);
 FID = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2).
 """
 

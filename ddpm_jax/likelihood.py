@@ -1,5 +1,6 @@
 """The variational bound in bits/dim: Gaussian KL, the discretized Gaussian decoder, L_t, L_T, and the
-full bound over all timesteps (official `_vb_terms_bpd`, `_prior_bpd`, `calc_bpd_loop`; SPEC.md 3.6-3.7).
+full bound over all timesteps (paper Eqs. 5 and 13; official diffusion_utils_2.py `_vb_terms_bpd`, `_prior_bpd`,
+`calc_bpd_loop`, and diffusion_utils.py / utils.py for `normal_kl` and the discretized decoder).
 
 The decoder keeps the official tanh approximation of the normal CDF and the official 1e-12 floor on bin
 masses, but computes the bin masses without the official float32 cancellation (see

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = 'data'
@@ -101,7 +102,6 @@ def to_host(tree: Any) -> Any:
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             if x.sharding.is_fully_replicated:
                 return np.asarray(x.addressable_data(0))
-            from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(x)
 

@@ -37,18 +37,17 @@ of a fixedsmall diffusion draws the same noise as the ancestral loop.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import dataclasses
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion as diffusion_lib
-from ddpm_jax import schedules, score
+from ddpm_jax import config_files, diffusion as diffusion_lib, schedules, score
+from ddpm_jax.diffusion import ModelFn
 
 SAMPLERS = ('ancestral', 'ddim', 'pc', 'langevin', 'ode')
-
-ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def respaced_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
@@ -148,10 +147,6 @@ def ancestral_sample_loop(d, model_fn: ModelFn, shape, rng, *, timestep_map=None
                                        clip_denoised=clip_denoised)
 
 
-def _gather(table: jax.Array, t: jax.Array, ndim: int) -> jax.Array:
-    return table[t].reshape((-1,) + (1,) * (ndim - 1))
-
-
 def ddim_step(d, model_output, x_t, t, noise, *, eta, clip_denoised=True):
     """One DDIM update from step t of `d` to step t-1 (to x_0 at t=0).
 
@@ -160,8 +155,8 @@ def ddim_step(d, model_output, x_t, t, noise, *, eta, clip_denoised=True):
     """
     out = diffusion_lib.p_mean_variance(d, model_output, x_t, t, clip_denoised=clip_denoised)
     pred_xstart = out['pred_xstart']
-    abar = _gather(d.alphas_cumprod, t, x_t.ndim)
-    abar_prev = _gather(d.alphas_cumprod_prev, t, x_t.ndim)
+    abar = diffusion_lib.extract(d.alphas_cumprod, t, x_t.shape)
+    abar_prev = diffusion_lib.extract(d.alphas_cumprod_prev, t, x_t.shape)
     # eps consistent with the (clipped) x0 prediction, as in the DDIM paper's implementation.
     eps = (x_t - jnp.sqrt(abar) * pred_xstart) / jnp.sqrt(1.0 - abar)
     sigma = eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar)) * jnp.sqrt(1.0 - abar / abar_prev)
@@ -193,58 +188,65 @@ def ddim_sample_loop(d, model_fn: ModelFn, shape, rng, *, timestep_map=None, eta
     return jax.lax.fori_loop(0, num_steps, body, x_init)
 
 
-def p_sample_range(d, model_fn: ModelFn, x, rng, *, t_start, t_stop=0, clip_denoised=True,
-                   share_noise_across_batch=False):
-    """Ancestral steps t = t_start, t_start-1, ..., t_stop of `d` starting from x = x_{t_start}.
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+    """The sampler keys of config.sampling as typed values; build it once with `from_config`.
 
-    x: [B,H,W,C] (the sample at code timestep t_start); t_start, t_stop: ints, may be traced
-    (one compilation for every t); t_start < t_stop runs no step. Returns x_{t_stop - 1}
-    (x_0's "decoded" output when t_stop = 0). The noise of step t is `normal(fold_in(rng, t))`;
-    with share_noise_across_batch it is drawn once for [1,H,W,C] and broadcast (used by
-    interpolation, so that every mixing weight sees the same reverse noise).
+    sampler: one of SAMPLERS; num_steps: 0 = all T steps (fewer respaces the timesteps; Heun steps for 'ode');
+    ddim_eta: DDIM's eta; snr, n_corrector_steps: the Langevin steps of 'pc' and 'langevin'; ode_solver
+    ('adaptive' or 'heun'), ode_rtol, ode_atol: the probability-flow ODE's solver.
     """
-    shape = x.shape
-    noise_shape = (1,) + shape[1:] if share_noise_across_batch else shape
+    sampler: str
+    num_steps: int
+    clip_denoised: bool
+    ddim_eta: float
+    snr: float
+    n_corrector_steps: int
+    ode_solver: str
+    ode_rtol: float
+    ode_atol: float
 
-    def body(i, x):
-        t_scalar = t_start - i
-        t = jnp.full((shape[0],), t_scalar, dtype=jnp.int32)
-        noise = jnp.broadcast_to(jax.random.normal(jax.random.fold_in(rng, t_scalar), noise_shape, x.dtype), shape)
-        return diffusion_lib.p_sample(d, model_fn(x, t), x, t, noise, clip_denoised=clip_denoised)
-
-    return jax.lax.fori_loop(0, jnp.maximum(t_start - t_stop + 1, 0), body, x)
+    @classmethod
+    def from_config(cls, sampling_config) -> SamplerSettings:
+        """Reads config.sampling; ValueError naming config.sampling.<key> when a key is missing or mistyped."""
+        return config_files.typed_section(cls, sampling_config, 'sampling')
 
 
 def make_sampler(config, *, return_nfe=False):
-    """The sampler that config.sampling selects, as `sample_fn(model_fn, shape, rng) -> x_0 [B,H,W,C]`
-    (with return_nfe: `-> (x_0, NFE int32 scalar)`, the number of network evaluations).
+    """`build_sampler` of config.diffusion and config.sampling (the boundary adapter)."""
+    return build_sampler(diffusion_lib.DiffusionSettings.from_config(config.diffusion),
+                         SamplerSettings.from_config(config.sampling), return_nfe=return_nfe)
 
-    config.sampling.sampler: 'ancestral' (the paper's; with num_steps > 0 and < T it runs on respaced
-    timesteps), 'ddim' (eta = config.sampling.ddim_eta), 'pc' (ancestral predictor + n_corrector_steps
-    Langevin steps at target snr, `score.pc_sample_loop`), 'langevin' (annealed Langevin, n_corrector_steps
-    per level, `score.annealed_langevin_sample_loop`) or 'ode' (the probability-flow ODE,
-    `score.ode_sample`, ode_solver 'adaptive' with ode_rtol / ode_atol or 'heun' with num_steps steps);
-    num_steps: 0 = all T steps. Refuses what `check_supported` refuses; an 'xprev' model runs as an 'xstart'
-    one through `xprev_as_xstart` except on the paper's full-T ancestral loop and the ODE (whose score converts
-    xprev directly). The returned function is traceable (jit its caller).
+
+def build_sampler(dcfg: diffusion_lib.DiffusionSettings, sampling: SamplerSettings, *, return_nfe=False):
+    """The sampler that `sampling` selects for the diffusion `dcfg`, as `sample_fn(model_fn, shape, rng) -> x_0
+    [B,H,W,C]` (with return_nfe: `-> (x_0, NFE int32 scalar)`, the number of network evaluations).
+
+    sampling.sampler: 'ancestral' (the paper's; with num_steps > 0 and < T it runs on respaced timesteps),
+    'ddim' (eta = sampling.ddim_eta), 'pc' (ancestral predictor + n_corrector_steps Langevin steps at target
+    snr, `score.pc_sample_loop`), 'langevin' (annealed Langevin, n_corrector_steps per level,
+    `score.annealed_langevin_sample_loop`) or 'ode' (the probability-flow ODE, `score.ode_sample`, ode_solver
+    'adaptive' with ode_rtol / ode_atol or 'heun' with num_steps steps); num_steps: 0 = all T steps. Refuses
+    what `check_supported` refuses; an 'xprev' model runs as an 'xstart' one through `xprev_as_xstart` except
+    on the paper's full-T ancestral loop and the ODE (whose score converts xprev directly). The returned
+    function is traceable (jit its caller).
     """
-    sampling, dcfg = config.sampling, config.diffusion
     if sampling.sampler not in SAMPLERS:
         raise ValueError(f'config.sampling.sampler={sampling.sampler!r}; allowed: {SAMPLERS}')
-    betas = schedules.get_beta_schedule(dcfg.beta_schedule, beta_start=dcfg.beta_start, beta_end=dcfg.beta_end,
-                                        num_diffusion_timesteps=dcfg.num_diffusion_timesteps)
+    betas = schedules.betas_from_config(dcfg)
     num_steps = sampling.num_steps or dcfg.num_diffusion_timesteps
     check_supported(dcfg.model_mean_type, dcfg.model_var_type, sampling.sampler, num_steps, betas)
-    clip = bool(sampling.clip_denoised)
-    d_full = diffusion_lib.diffusion_from_config(config)
+    clip = sampling.clip_denoised
+    d_full = diffusion_lib.diffusion_from_settings(dcfg)
+
     def with_nfe(sample_fn, nfe):
         if not return_nfe:
             return sample_fn
         return lambda model_fn, shape, rng: (sample_fn(model_fn, shape, rng), jnp.asarray(nfe, jnp.int32))
 
     if sampling.sampler == 'ode':
-        kwargs = {'solver': sampling.ode_solver, 'rtol': float(sampling.ode_rtol),
-                  'atol': float(sampling.ode_atol), 'num_steps': num_steps, 'clip_denoised': clip}
+        kwargs = {'solver': sampling.ode_solver, 'rtol': sampling.ode_rtol, 'atol': sampling.ode_atol,
+                  'num_steps': num_steps, 'clip_denoised': clip}
         if return_nfe:
             return lambda model_fn, shape, rng: score.ode_sample(d_full, model_fn, shape, rng, **kwargs)
         return lambda model_fn, shape, rng: score.ode_sample(d_full, model_fn, shape, rng, **kwargs)[0]
@@ -265,7 +267,7 @@ def make_sampler(config, *, return_nfe=False):
     if sampling.sampler in ('pc', 'langevin'):
         d_score = diffusion_lib.make_diffusion(betas, model_mean_type=mean_type, model_var_type=dcfg.model_var_type,
                                                loss_type=dcfg.loss_type, hybrid_lambda=dcfg.hybrid_lambda)
-        snr, n_corrector = float(sampling.snr), int(sampling.n_corrector_steps)
+        snr, n_corrector = sampling.snr, sampling.n_corrector_steps
         if sampling.sampler == 'pc':
             return with_nfe(lambda model_fn, shape, rng: score.pc_sample_loop(
                 d_score, d, wrap(model_fn), shape, rng, timestep_map=timestep_map, snr=snr,
@@ -273,9 +275,9 @@ def make_sampler(config, *, return_nfe=False):
         return with_nfe(lambda model_fn, shape, rng: score.annealed_langevin_sample_loop(
             d_score, d, wrap(model_fn), shape, rng, timestep_map=timestep_map, snr=snr, n_steps=n_corrector,
             clip_denoised=clip), num_steps * n_corrector + 1)
-    eta = float(sampling.ddim_eta)
     return with_nfe(lambda model_fn, shape, rng: ddim_sample_loop(
-        d, wrap(model_fn), shape, rng, timestep_map=timestep_map, eta=eta, clip_denoised=clip), num_steps)
+        d, wrap(model_fn), shape, rng, timestep_map=timestep_map, eta=sampling.ddim_eta, clip_denoised=clip),
+        num_steps)
 
 
 def sampler_timesteps(config) -> np.ndarray:

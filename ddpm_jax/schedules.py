@@ -74,3 +74,11 @@ def get_beta_schedule(name, *, beta_start, beta_end, num_diffusion_timesteps):
         betas = _cosine_betas(num_diffusion_timesteps)
     assert betas.shape == (num_diffusion_timesteps,)
     return betas
+
+
+def betas_from_config(diffusion_config):
+    """`get_beta_schedule` of config.diffusion (or any object with its beta_schedule, beta_start, beta_end and
+    num_diffusion_timesteps attributes, e.g. `diffusion.DiffusionSettings`): float64 [T]."""
+    return get_beta_schedule(diffusion_config.beta_schedule, beta_start=diffusion_config.beta_start,
+                             beta_end=diffusion_config.beta_end,
+                             num_diffusion_timesteps=diffusion_config.num_diffusion_timesteps)

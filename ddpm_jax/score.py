@@ -64,11 +64,6 @@ DIVERGENCES = ('hutchinson_rademacher', 'hutchinson_gaussian', 'exact')
 DOPRI5_EVALS_PER_STEP = 6      # 7 stages, first same as last
 
 
-def _check_choice(kind, value, allowed):
-    if value not in allowed:
-        raise ValueError(f'unknown {kind} {value!r}; allowed: {", ".join(allowed)}')
-
-
 def _per_example(values, x_shape):
     """values [B] -> [B, 1, ..., 1] for broadcasting against x of shape x_shape."""
     return jnp.reshape(values, (x_shape[0],) + (1,) * (len(x_shape) - 1))
@@ -92,8 +87,8 @@ def score_from_model_output(d, model_output, x_t, t):
     Returns: score [B, H, W, C]; 'eps': -eps / sqrt(1 - abar_t), otherwise -(x_t - sqrt(abar_t) x0_hat) /
       (1 - abar_t) with x0_hat the output ('xstart') or the x_0 that the posterior mean output implies.
     """
-    mean_output, _ = diffusion._split_model_output(d, model_output, x_t)  # pylint: disable=protected-access
-    ext = lambda table: diffusion._extract(table, t, x_t.shape)  # pylint: disable=protected-access
+    mean_output, _ = diffusion.split_model_output(d, model_output, x_t)
+    ext = lambda table: diffusion.extract(table, t, x_t.shape)
     if d.model_mean_type == 'eps':
         return -mean_output / ext(d.sqrt_one_minus_alphas_cumprod)
     xstart = _xstart_from_mean_output(d, mean_output, x_t, t)
@@ -106,7 +101,7 @@ def model_output_from_score(d, score, x_t, t):
     Args: score, x_t [B, H, W, C]; t [B] int. Returns [B, H, W, C]: eps = -sqrt(1 - abar_t) score;
       x_0 = (x_t + (1 - abar_t) score) / sqrt(abar_t); xprev = coef1_t x_0 + coef2_t x_t (paper Eq. 7).
     """
-    ext = lambda table: diffusion._extract(table, t, x_t.shape)  # pylint: disable=protected-access
+    ext = lambda table: diffusion.extract(table, t, x_t.shape)
     if d.model_mean_type == 'eps':
         return -ext(d.sqrt_one_minus_alphas_cumprod) * score
     xstart = (x_t + ext(1.0 - d.alphas_cumprod) * score) * ext(d.sqrt_recip_alphas_cumprod)
@@ -181,7 +176,7 @@ def pc_sample_loop(d_full, d, model_fn, shape, rng, *, timestep_map=None, snr=0.
     Returns x_0 [B, H, W, C]; NFE = S (1 + n_corrector_steps).
     """
     _check_langevin(snr, n_corrector_steps)
-    shape = diffusion._check_sample_shape(shape)  # pylint: disable=protected-access
+    shape = diffusion.check_sample_shape(shape)
     levels, num_steps = _levels(d_full, d, timestep_map)
     dtype = d.betas.dtype
     score_at = score_fn(model_fn, d_full)
@@ -213,7 +208,7 @@ def annealed_langevin_sample_loop(d_full, d, model_fn, shape, rng, *, timestep_m
     _check_langevin(snr, n_steps)
     if n_steps < 1:
         raise ValueError('annealed Langevin needs n_steps >= 1 per noise level')
-    shape = diffusion._check_sample_shape(shape)  # pylint: disable=protected-access
+    shape = diffusion.check_sample_shape(shape)
     levels, num_steps = _levels(d_full, d, timestep_map)
     dtype = d.betas.dtype
     score_at = score_fn(model_fn, d_full)
@@ -270,7 +265,7 @@ def continuous_score(d, model_fn, x, t):
     log_abar = log_alphas_cumprod_at_time(d, tau)
     abar = jnp.exp(log_abar)
     one_minus_abar = -jnp.expm1(log_abar)
-    mean_output, _ = diffusion._split_model_output(  # pylint: disable=protected-access
+    mean_output, _ = diffusion.split_model_output(
         d, model_fn(x, jnp.full((x.shape[0],), continuous_label(d, tau), d.betas.dtype)), x)
     if d.model_mean_type == 'eps':
         return -mean_output / jnp.sqrt(one_minus_abar)
@@ -293,7 +288,7 @@ def ode_drift(d, model_fn, x, t):
 
 def _solve(vector_field, y0, t0, t1, *, solver, rtol, atol, num_steps, max_steps=100_000):
     """diffrax solve of dy/dt = vector_field(t, y) from t0 to t1. Returns (y(t1), vector-field calls)."""
-    _check_choice('ode_solver', solver, ODE_SOLVERS)
+    diffusion.check_choice('ode_solver', solver, ODE_SOLVERS)
     term = diffrax.ODETerm(lambda t, y, args: vector_field(t, y))
     if solver == 'adaptive':
         sol = diffrax.diffeqsolve(term, diffrax.Dopri5(), t0, t1, None, y0,
@@ -318,7 +313,7 @@ def ode_sample(d, model_fn, shape, rng, *, solver='adaptive', rtol=1e-5, atol=1e
     'heun' (num_steps equal steps in t). Returns (x_0 [B, H, W, C], NFE int32 scalar, including the last
     step's network call).
     """
-    shape = diffusion._check_sample_shape(shape)  # pylint: disable=protected-access
+    shape = diffusion.check_sample_shape(shape)
     x1 = jax.random.normal(rng, shape, d.betas.dtype)
     x, nfe = _solve(lambda t, x: ode_drift(d, model_fn, x, t), x1, 1.0, 1.0 / d.num_timesteps, solver=solver,
                     rtol=rtol, atol=atol, num_steps=num_steps)
@@ -363,7 +358,7 @@ def ode_log_likelihood(d, model_fn, x, rng, *, divergence='hutchinson_rademacher
     Returns dict(logp [B], prior_logp [B], delta_logp [B], z [B, H, W, C] = x(1), nfe int32: network
     evaluations, a vector-Jacobian product counted as one, i.e. vector-field calls times (D or num_probes)).
     """
-    _check_choice('divergence', divergence, DIVERGENCES)
+    diffusion.check_choice('divergence', divergence, DIVERGENCES)
     if divergence != 'exact' and (int(num_probes) != num_probes or num_probes < 1):
         raise ValueError(f'num_probes={num_probes!r} must be an int >= 1')
     dims = math.prod(x.shape[1:])

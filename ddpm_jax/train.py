@@ -34,6 +34,7 @@ from ddpm_jax import checkpoint
 from ddpm_jax import data as data_lib
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import image_grid
+from ddpm_jax import losses
 from ddpm_jax import parallel
 from ddpm_jax import validation
 from ddpm_jax import workdir_lock
@@ -171,7 +172,7 @@ def _compiled_train_step(key: _CompileKey, mesh: jax.sharding.Mesh, donate_state
 
         def loss_fn(params):
             output = model.apply({'params': params}, x_t, t, train=True, rngs={'dropout': dropout_key})
-            return jnp.mean(diffusion_lib.training_losses(diffusion, output, x_start, x_t, t, noise))
+            return jnp.mean(losses.training_losses(diffusion, output, x_start, x_t, t, noise))
 
         loss, grads = jax.value_and_grad(loss_fn)(parallel.to_varying(state.params))
         grads = jax.lax.pmean(grads, parallel.DATA_AXIS)

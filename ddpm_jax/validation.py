@@ -10,8 +10,7 @@ import numbers
 import os
 from typing import Any
 
-from ddpm_jax import data, samplers, schedules
-from ddpm_jax import diffusion as diffusion_lib
+from ddpm_jax import data, diffusion as diffusion_lib, samplers, schedules
 from ddpm_jax.errors import UserError
 from ddpm_jax.models import unet
 
@@ -67,7 +66,8 @@ class _Problems:
     def integer(self, key: str, minimum: int, what: str = '') -> bool:
         value = self.value(key)
         if value is not _MISSING and (not _is_int(value) or value < minimum):
-            self.add(key, what or ('must be a positive integer' if minimum == 1 else f'must be an integer >= {minimum}'))
+            default_what = 'must be a positive integer' if minimum == 1 else f'must be an integer >= {minimum}'
+            self.add(key, what or default_what)
             return False
         return True
 
@@ -128,7 +128,7 @@ def _check_data(problems: _Problems, mode: str) -> None:
 
 def _check_tfds_prepared(problems: _Problems) -> None:
     """Whether the TFDS dataset is prepared in config.data.data_dir (its metadata only; a fraction of a second)."""
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds
     config = problems.config
     data_dir = os.path.expanduser(config.data.data_dir) if config.data.data_dir else None
     try:
@@ -166,7 +166,7 @@ def _check_model(problems: _Problems) -> None:
         problems.add('model.ch_mult', 'must be a non-empty tuple of positive integers, e.g. (1, 2, 2, 2)')
     problems.integer('model.num_res_blocks', 0)
     problems.number('model.dropout', 0.0, 1.0, high_open=True)
-    problems.choice('model.dtype', tuple(unet._COMPUTE_DTYPES))  # pylint: disable=protected-access
+    problems.choice('model.dtype', tuple(unet.COMPUTE_DTYPES))
     problems.choice('model.attention', unet.ATTENTION_IMPLS)
     image_size = problems.config.data.image_size
     if _is_int(image_size) and image_size > 0 and levels is not None:
@@ -248,10 +248,9 @@ def _check_supported(problems: _Problems, key: str, use: str, num_steps: int) ->
     """samplers.check_supported for config.diffusion used by `use` (a sampler, or 'nll' for the bound); its
     refusal (e.g. an eps model on a schedule ending at alpha_bar = 0) is reported under `key`."""
     dcfg = problems.config.diffusion
-    betas = schedules.get_beta_schedule(dcfg.beta_schedule, beta_start=dcfg.beta_start, beta_end=dcfg.beta_end,
-                                        num_diffusion_timesteps=dcfg.num_diffusion_timesteps)
     try:
-        samplers.check_supported(dcfg.model_mean_type, dcfg.model_var_type, use, num_steps, betas)
+        samplers.check_supported(dcfg.model_mean_type, dcfg.model_var_type, use, num_steps,
+                                 schedules.betas_from_config(dcfg))
     except ValueError as error:
         problems.add(key, str(error))
 

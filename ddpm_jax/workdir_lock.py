@@ -27,6 +27,7 @@ from typing import IO, Iterator, Optional
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from ddpm_jax.errors import UserError
 
@@ -98,7 +99,6 @@ def writer_lock(workdir: str) -> Iterator[None]:
             except WorkdirLockedError as locked:
                 error = locked
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
             failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
             if failed and error is None:
                 error = WorkdirLockedError(f'process 0 could not lock {workdir}: another training run holds it '

@@ -8,14 +8,14 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import multihost_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
+import multihost_worker
 
-from ddpm_jax import checkpoint, parallel, train  # pylint: disable=wrong-import-position
+from ddpm_jax import checkpoint, parallel, train
 
 # Orbax's read of a truncated file fails inside tensorstore's asyncio loop and leaves an
 # "Event loop is closed" callback behind at garbage collection: noise, not a test outcome.
@@ -72,7 +72,8 @@ def test_round_trip_is_exact_and_keeps_optimizer_types(tmp_path, config, mesh):
     restored = _restore(workdir, config, mesh)
     _assert_state_equal(restored, _state_at(config, mesh, 3))
     assert int(restored.step) == 3
-    adam_states = [s for s in jax.tree.leaves(restored.opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+    adam_states = [s for s in jax.tree.leaves(restored.opt_state,
+                                              is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
                    if isinstance(s, optax.ScaleByAdamState)]
     assert len(adam_states) == 1
     assert restored.params['conv_in']['kernel'].sharding.is_equivalent_to(parallel.replicated_sharding(mesh), 4)

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarni
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 
-# Paper / official-script values (SPEC.md sections 1 and 5).
+# Paper (Sec. 4, App. B) / official-script (scripts/run_*.py) values.
 COMMON = dict(beta_schedule='linear', beta_start=1e-4, beta_end=0.02, num_diffusion_timesteps=1000,
               model_mean_type='eps', loss_type='mse', warmup_steps=5000, grad_clip=1.0, ema_decay=0.9999,
               ema_warmup=False, num_res_blocks=2, attn_resolutions=(16,))

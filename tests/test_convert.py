@@ -1,7 +1,8 @@
 """Tests of ddpm_jax.convert: official TF names and diffusers UNet2DModel names -> Flax params.
 
-The expected names and shapes are derived here from SPEC.md section 4 and the diffusers layout, independently
-of the converter; the synthetic checkpoints hold random values so that any mix-up of tensors shows.
+The expected names and shapes are derived here from the official models/unet.py and the diffusers
+layout, independently of the converter; the synthetic checkpoints hold random values so that any mix-up of
+tensors shows.
 """
 import os
 import re
@@ -22,7 +23,7 @@ MODEL = UNet(**ARCH, out_ch=OUT_CH)
 
 
 def official_shapes(ch, ch_mult, num_res_blocks, attn_resolutions, size, in_ch, out_ch):
-    """{official TF variable name: shape} of unet.model (SPEC.md section 4)."""
+    """{official TF variable name: shape} of the official models/unet.py `model`."""
     shapes = {}
 
     def conv(scope, cin, cout, k=3):

@@ -295,6 +295,7 @@ def _write_tfds_array_record(root, images_by_split: dict, shards_by_split: dict)
     file_format='array_record'): the same files and fields, and load_source read its images bit-exactly."""
     import io
     import json
+
     from array_record.python import array_record_module
     from tensorflow_datasets.proto import tf_example_pb2
 

@@ -1,4 +1,5 @@
-"""ddpm_jax.diffusion against independent float64 numpy re-derivations (SPEC.md section 3).
+"""ddpm_jax.diffusion against independent float64 numpy re-derivations (paper Sec. 2-3;
+official diffusion_utils_2.py).
 
 Every check runs twice: with float64 tables under `jax.enable_x64(True)` at ~1e-10 relative, and with the
 default float32 tables at float32 tolerances. Batches always contain t=0 and t=T-1.
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import default as default_config
-from ddpm_jax import diffusion, schedules
+from ddpm_jax import diffusion, losses, schedules
 
 MEAN_TYPES = ('eps', 'xstart', 'xprev')
 VAR_TYPES = ('fixedsmall', 'fixedlarge', 'learned', 'learned_range')
@@ -444,7 +445,7 @@ def test_mse_training_loss(num_steps, mean_type):
     want = ((target - inp['model_output']) ** 2).mean(axis=(1, 2, 3))
 
     def compute(d, cast):
-        return diffusion.training_losses(d, cast(inp['model_output']), cast(inp['x_start']), cast(x_t),
+        return losses.training_losses(d, cast(inp['model_output']), cast(inp['x_start']), cast(x_t),
                                          jnp.asarray(t), cast(inp['noise']))
 
     with jax.enable_x64(True):
@@ -493,3 +494,19 @@ def test_shape_mismatches_show_both_shapes():
         diffusion.p_sample(learned, x, x, jnp.array([0, 1]), x)
     with pytest.raises(ValueError, match='freq'):
         diffusion.p_sample_loop_progressive(d, lambda x, t: x, x.shape, jax.random.key(0), freq=0)
+
+
+def test_diffusion_settings_name_a_missing_or_mistyped_key():
+    config = default_config.get_config()
+    settings = diffusion.DiffusionSettings.from_config(config.diffusion)
+    assert (settings.beta_schedule, settings.num_diffusion_timesteps, settings.hybrid_lambda) == ('linear', 1000, 0.001)
+    del config.diffusion['hybrid_lambda']
+    with pytest.raises(ValueError, match=r'config\.diffusion\.hybrid_lambda is missing'):
+        diffusion.diffusion_from_config(config)
+    # A ConfigDict refuses a value of another type; a plain dict section (or a new key) does not.
+    section = default_config.get_config().diffusion.to_dict()
+    with pytest.raises(ValueError, match=r'config\.diffusion\.num_diffusion_timesteps=True must be of type int'):
+        diffusion.DiffusionSettings.from_config(dict(section, num_diffusion_timesteps=True))
+    with pytest.raises(ValueError, match=r"config\.diffusion\.beta_end='0.02' must be of type float"):
+        diffusion.DiffusionSettings.from_config(dict(section, beta_end='0.02'))
+    assert diffusion.DiffusionSettings.from_config(dict(section, beta_end=1)).beta_end == 1.0

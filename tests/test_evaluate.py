@@ -196,7 +196,7 @@ def test_interpolation_endpoints_decode_from_endpoint_x_t(run):
     for index, x in ((0, x_a), (2, x_b)):
         x_t = diffusion.q_sample(d, x, t_vec, eps)
         np.testing.assert_allclose(np.asarray(mixed[index:index + 1]), np.asarray(x_t), atol=1e-6)
-        alone = samplers.p_sample_range(d, model_fn, x_t, jax.random.fold_in(rng, 1), t_start=t, t_stop=0,
+        alone = diffusion.p_sample_range(d, model_fn, x_t, jax.random.fold_in(rng, 1), t_start=t, t_stop=0,
                                         share_noise_across_batch=True)
         np.testing.assert_allclose(np.asarray(decoded[index:index + 1]), np.asarray(alone), atol=1e-5)
     np.testing.assert_allclose(np.asarray(mixed[1]), 0.5 * np.asarray(mixed[0] + mixed[2]), atol=1e-6)

@@ -224,6 +224,7 @@ def test_make_inception_fn_splits_chunks_over_a_two_device_mesh():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu',
                PYTHONPATH=os.pathsep.join([root, os.environ.get('PYTHONPATH', '')]))
-    proc = subprocess_helpers.run([sys.executable, '-c', _TWO_DEVICE_SCRIPT, os.path.dirname(os.path.abspath(__file__))],
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess_helpers.run([sys.executable, '-c', _TWO_DEVICE_SCRIPT, tests_dir],
                                   env=env, cwd=root)
     assert proc.returncode == 0 and proc.stdout.strip().endswith('ok'), proc.stderr[-3000:]

@@ -11,10 +11,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
+from test_diffusion import (
+    MEAN_TYPES,
+    SHAPE,
+    VAR_TYPES,
+    assert_f32,
+    assert_x64,
+    col,
+    documented_noise,
+    linear_betas,
+    make,
+    random_inputs,
+    ref_p_mean_variance,
+    ref_posterior_mean,
+    reference_tables,
+)
 
-from ddpm_jax import diffusion, likelihood
-from test_diffusion import (MEAN_TYPES, SHAPE, VAR_TYPES, assert_f32, assert_x64, col, documented_noise, linear_betas,
-                            make, random_inputs, ref_p_mean_variance, ref_posterior_mean, reference_tables)
+from ddpm_jax import diffusion, likelihood, losses
 
 LOG_MIN_MASS = math.log(1e-12)
 PI_50 = Decimal('3.14159265358979323846264338327950288419716939937510')
@@ -253,7 +266,7 @@ def test_kl_training_loss_is_the_unclipped_bound_term(mean_type, var_type):
                                clip=False)
     with jax.enable_x64(True):
         d = make(betas, mean_type, var_type, 'kl')
-        got = diffusion.training_losses(d, *(jnp.asarray(inp[k]) for k in ('model_output', 'x_start', 'x_t', 't',
+        got = losses.training_losses(d, *(jnp.asarray(inp[k]) for k in ('model_output', 'x_start', 'x_t', 't',
                                                                                'noise')))
         assert_x64(got, want)
 
@@ -275,11 +288,11 @@ def test_hybrid_loss_value_and_gradients(num_steps, mean_type, var_type):
         hybrid = make(betas, mean_type, var_type, 'hybrid')
         kl = make(betas, mean_type, var_type, 'kl')
         args = [jnp.asarray(inp[k]) for k in ('x_start', 'x_t', 't', 'noise')]
-        assert_x64(diffusion.training_losses(hybrid, jnp.asarray(inp['model_output']), *args),
+        assert_x64(losses.training_losses(hybrid, jnp.asarray(inp['model_output']), *args),
                    mse + 0.001 * num_steps * vb)
 
         def total(d, out):
-            return jnp.sum(diffusion.training_losses(d, out, *args))
+            return jnp.sum(losses.training_losses(d, out, *args))
 
         grad_hybrid = np.asarray(jax.grad(total, argnums=1)(hybrid, jnp.asarray(inp['model_output'])))
         grad_kl = np.asarray(jax.grad(total, argnums=1)(kl, jnp.asarray(inp['model_output'])))
@@ -297,14 +310,15 @@ def test_prior_bpd(num_steps):
     tb = reference_tables(betas)
     x_start = np.random.default_rng(3).uniform(-1, 1, SHAPE)
     alpha_bar = tb['alphas_cumprod'][-1]
-    want = ref_normal_kl(np.sqrt(alpha_bar) * x_start, np.log(1 - alpha_bar), 0.0, 0.0).mean(axis=(1, 2, 3)) / math.log(2)
+    want = ref_normal_kl(np.sqrt(alpha_bar) * x_start, np.log(1 - alpha_bar), 0.0, 0.0).mean(axis=(1, 2, 3))
+    want = want / math.log(2)
     with jax.enable_x64(True):
         assert_x64(likelihood.prior_bpd(make(betas), jnp.asarray(x_start)), want)
     got = likelihood.prior_bpd(make(betas), jnp.asarray(x_start, jnp.float32))
     # float32: -1 + exp(log(1 - alpha_bar)) cancels to the order of 1 ulp of 1 (6e-8 nats).
     np.testing.assert_allclose(got, want, rtol=1e-2 if num_steps == 1000 else 1e-5, atol=1e-7)
     if num_steps == 1000:
-        assert ((5e-6 < want) & (want < 3e-5)).all()  # "about 1e-5 bits/dim" (paper; SPEC.md 3.6)
+        assert ((5e-6 < want) & (want < 3e-5)).all()  # "about 1e-5 bits/dim" (paper Sec. 3.3)
 
 
 def toy_model(var_type):
@@ -331,7 +345,8 @@ def ref_bpd_loop(tb, mean_type, var_type, x_start, rng, dtype, clip):
                                                 t, clip)
         mse[:, step] = ((pred - x_start) ** 2).mean(axis=(1, 2, 3))
     alpha_bar = tb['alphas_cumprod'][-1]
-    prior = ref_normal_kl(np.sqrt(alpha_bar) * x_start, np.log(1 - alpha_bar), 0.0, 0.0).mean(axis=(1, 2, 3)) / math.log(2)
+    prior = ref_normal_kl(np.sqrt(alpha_bar) * x_start, np.log(1 - alpha_bar), 0.0, 0.0).mean(axis=(1, 2, 3))
+    prior = prior / math.log(2)
     return dict(total_bpd=terms.sum(axis=1) + prior, terms_bpd=terms, prior_bpd=prior, mse=mse)
 
 

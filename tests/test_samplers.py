@@ -5,6 +5,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from configs import default as default_config
 from ddpm_jax import diffusion, samplers
 
 T = 20
@@ -165,20 +166,27 @@ def test_p_sample_range_composes_to_p_sample_loop():
     d = _diffusion()
     want = diffusion.p_sample_loop(d, _toy_eps_model, SHAPE, rng)
     x_big_t = jax.random.normal(jax.random.fold_in(rng, T), SHAPE)
-    full = samplers.p_sample_range(d, _toy_eps_model, x_big_t, rng, t_start=T - 1, t_stop=0)
-    middle = samplers.p_sample_range(d, _toy_eps_model, x_big_t, rng, t_start=T - 1, t_stop=8)
-    split = samplers.p_sample_range(d, _toy_eps_model, middle, rng, t_start=7, t_stop=0)
+    full = diffusion.p_sample_range(d, _toy_eps_model, x_big_t, rng, t_start=T - 1, t_stop=0)
+    middle = diffusion.p_sample_range(d, _toy_eps_model, x_big_t, rng, t_start=T - 1, t_stop=8)
+    split = diffusion.p_sample_range(d, _toy_eps_model, middle, rng, t_start=7, t_stop=0)
     np.testing.assert_array_equal(np.asarray(full), np.asarray(want))
     np.testing.assert_array_equal(np.asarray(split), np.asarray(want))
-    empty = samplers.p_sample_range(d, _toy_eps_model, x_big_t, rng, t_start=T - 1, t_stop=T)
+    empty = diffusion.p_sample_range(d, _toy_eps_model, x_big_t, rng, t_start=T - 1, t_stop=T)
     np.testing.assert_array_equal(np.asarray(empty), np.asarray(x_big_t))
+
+
+def _sampling(**values):
+    """config.sampling of the defaults with `values` set."""
+    sampling = default_config.get_config().sampling
+    sampling.update(values)
+    return sampling
 
 
 def _config(sampler, num_steps, eta=0.0):
     config = ml_collections.ConfigDict()
     config.diffusion = dict(beta_schedule='linear', beta_start=1e-3, beta_end=0.2, num_diffusion_timesteps=T,
                             model_mean_type='eps', model_var_type='fixedlarge', loss_type='mse', hybrid_lambda=1e-3)
-    config.sampling = dict(sampler=sampler, num_steps=num_steps, ddim_eta=eta, clip_denoised=True)
+    config.sampling = _sampling(sampler=sampler, num_steps=num_steps, ddim_eta=eta, clip_denoised=True)
     return config
 
 
@@ -210,7 +218,7 @@ def _gaussian_config(mean_type, var_type, sampler, num_steps, eta=0.0, schedule=
     config.diffusion = dict(beta_schedule=schedule, beta_start=1e-4, beta_end=0.02,
                             num_diffusion_timesteps=num_timesteps, model_mean_type=mean_type,
                             model_var_type=var_type, loss_type='mse', hybrid_lambda=1e-3)
-    config.sampling = dict(sampler=sampler, num_steps=num_steps, ddim_eta=eta, clip_denoised=False)
+    config.sampling = _sampling(sampler=sampler, num_steps=num_steps, ddim_eta=eta, clip_denoised=False)
     return config
 
 
@@ -315,3 +323,13 @@ def test_jsd_schedule_samples_finite_for_x0_and_xprev_models(mean_type, sampler,
     config = _gaussian_config(mean_type, 'fixedlarge', sampler, num_steps, schedule='jsd', num_timesteps=10)
     x = samplers.make_sampler(config)(_exact_gaussian_model(mean_type, betas), (64, 1, 1, 1), jax.random.PRNGKey(0))
     assert np.isfinite(np.asarray(x)).all()
+
+
+def test_sampler_settings_name_a_missing_or_mistyped_key():
+    config = _config('ddim', 4, 0.3)
+    assert samplers.SamplerSettings.from_config(config.sampling).ddim_eta == 0.3
+    del config.sampling['snr']
+    with pytest.raises(ValueError, match=r'config\.sampling\.snr is missing'):
+        samplers.make_sampler(config)
+    with pytest.raises(ValueError, match=r'config\.sampling\.clip_denoised=1 must be of type bool'):
+        samplers.SamplerSettings.from_config(dict(_sampling().to_dict(), clip_denoised=1))

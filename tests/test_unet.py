@@ -1,8 +1,8 @@
-"""Tests of ddpm_jax.models.unet against SPEC.md sections 2 and 4.
+"""Tests of ddpm_jax.models.unet against the official models/unet.py and nn.py (paper App. B).
 
 The reference is an independent float64 numpy forward pass of the official network written here from
-SPEC.md section 4 (TF 'SAME' padding rule, index-based nearest upsampling, two-pass GroupNorm), run on
-random non-zero weights: the official init makes conv2/proj_out/conv_out ~0 and would hide errors.
+the official models/unet.py and nn.py (TF 'SAME' padding rule, index-based nearest upsampling, two-pass
+GroupNorm), run on random non-zero weights: the official init makes conv2/proj_out/conv_out ~0 and would hide errors.
 """
 import functools
 import math
@@ -52,7 +52,7 @@ def random_params(model, size, seed, dtype=np.float64):
 
 
 # ------------------------------------------------------------------------------------------------
-# float64 numpy reference (SPEC.md section 4)
+# float64 numpy reference (official models/unet.py and nn.py)
 
 
 def np_swish(x):
@@ -469,3 +469,12 @@ def test_attention_logits_gradient_is_plain_autodiff_in_float64():
     reference = np.einsum('bqk,bkc->bqc', g_rounded, np.asarray(k16, np.float64))
     # bfloat16 output rounding: 2**-8 relative to each entry (the products are exact in float32 accumulation).
     np.testing.assert_allclose(np.asarray(dq16, np.float64), reference, rtol=2 ** -8, atol=1e-6)
+
+
+def test_model_settings_name_a_missing_or_mistyped_key():
+    config = _config()
+    del config.model['remat']
+    with pytest.raises(ValueError, match=r'config\.model\.remat is missing'):
+        create_model(config)
+    with pytest.raises(ValueError, match=r"config\.model\.ch='128' must be of type int"):
+        unet.ModelSettings.from_config(dict(_config().model.to_dict(), ch='128'))

@@ -5,16 +5,17 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import multihost_worker  # pylint: disable=wrong-import-position
+import multihost_worker
 
-from ddpm_jax import config_files, train, validation  # pylint: disable=wrong-import-position
+from ddpm_jax import config_files, train, validation
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 MODES = ('train', 'sample', 'eval', 'fid', 'rate_distortion', 'progressive', 'shared_xt', 'interpolate', 'watch')
 
 # (overrides of the tiny digits config (T = 20, ch 32, ch_mult (1,)), mode, the start of the problem line).
 BAD_VALUES = [
-    ({'diffusion.beta_schedule': 'linaer'}, 'train', "config.diffusion.beta_schedule='linaer': unknown; allowed: linear"),
+    ({'diffusion.beta_schedule': 'linaer'}, 'train',
+     "config.diffusion.beta_schedule='linaer': unknown; allowed: linear"),
     ({'diffusion.model_mean_type': 'noise'}, 'sample', "config.diffusion.model_mean_type='noise': unknown"),
     ({'diffusion.model_var_type': 'fixed'}, 'train', "config.diffusion.model_var_type='fixed': unknown"),
     ({'diffusion.loss_type': 'l1'}, 'train', "config.diffusion.loss_type='l1': unknown"),

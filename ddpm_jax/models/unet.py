@@ -1,8 +1,9 @@
 """The U-Net of DDPM (Ho et al. 2020), exact to the official `diffusion_tf/models/unet.py`.
 
-SPEC.md section 4 describes the architecture. The Flax module tree mirrors the official TF
-variable scopes, so `model/down_1/attn_0/q/W` is `params['down_1']['attn_0']['q']['kernel']`
-(`W`/`b` -> `kernel`/`bias`, GroupNorm `gamma`/`beta` -> `scale`/`bias`); see ddpm_jax/convert.py.
+Paper App. B describes the architecture; official models/unet.py and nn.py define it. The Flax module
+tree mirrors the official TF variable scopes, so `model/down_1/attn_0/q/W` is
+`params['down_1']['attn_0']['q']['kernel']` (`W`/`b` -> `kernel`/`bias`, GroupNorm `gamma`/`beta` ->
+`scale`/`bias`); see ddpm_jax/convert.py.
 
 Precision: parameters are stored in `param_dtype` (float32). Convolutions, dense layers and the
 attention matmuls run in the compute `dtype` (float32 or bfloat16). GroupNorm statistics, the
@@ -17,6 +18,7 @@ Speed switches (they change neither the parameters nor, beyond rounding, the out
   reduction) instead of the official two-pass E[(x - E[x])^2] (a second read of the activation after the mean).
   Both in float32; they differ by float32 rounding unless |mean| >> std within a group.
 """
+import dataclasses
 import math
 from typing import Any, Sequence
 
@@ -24,14 +26,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddpm_jax import config_files, diffusion
+
 Dtype = Any
 
 # Official init: variance_scaling(scale, 'fan_avg', 'uniform'); scale 0 means 1e-10 (nn.py:10-11).
 _DEFAULT_INIT = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform')
 _ZERO_INIT = nn.initializers.variance_scaling(1e-10, 'fan_avg', 'uniform')
 
-_COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-_LEARNED_VAR_TYPES = ('learned', 'learned_range')
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 # AttnBlock implementations:
 #   'einsum': two einsums with float32 (>= float32) logits and softmax, probabilities cast to `dtype` for the
@@ -334,7 +337,7 @@ class UpLevel(nn.Module):
 
 
 class UNet(nn.Module):
-    """The DDPM U-Net (official `unet.model`, SPEC.md section 4).
+    """The DDPM U-Net (official models/unet.py `model`, paper App. B).
 
     Called as `model.apply({'params': p}, x, t, train=bool, rngs={'dropout': key})` with
     x: [B, H, W, C] float in [-1, 1] (H = W, divisible by 2**(len(ch_mult) - 1)), t: [B] int in {0..T-1};
@@ -393,22 +396,46 @@ class UNet(nn.Module):
         return h.astype(_float_dtype(self.dtype))
 
 
-def create_model(config) -> UNet:
-    """The UNet of `config.model` with out_ch = config.data.channels (doubled for a learned variance).
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    """config.model as typed values (one field per key); build it once with `from_config`.
 
-    config.model.dtype is the compute dtype: 'float32' or 'bfloat16'; config.model.attention one of
-    `ATTENTION_IMPLS`; config.model.remat and config.model.fast_variance bools.
+    dtype: the compute dtype, a key of `COMPUTE_DTYPES`; attention: one of `ATTENTION_IMPLS`.
     """
-    if config.model.dtype not in _COMPUTE_DTYPES:
-        raise ValueError(f'config.model.dtype={config.model.dtype!r}; allowed: {sorted(_COMPUTE_DTYPES)}')
-    if config.model.attention not in ATTENTION_IMPLS:
-        raise ValueError(f'config.model.attention={config.model.attention!r}; allowed: {ATTENTION_IMPLS}')
-    out_ch = config.data.channels
-    if config.diffusion.model_var_type in _LEARNED_VAR_TYPES:
-        out_ch *= 2
-    return UNet(ch=config.model.ch, out_ch=out_ch, ch_mult=tuple(config.model.ch_mult),
-                num_res_blocks=config.model.num_res_blocks, attn_resolutions=tuple(config.model.attn_resolutions),
-                dropout=config.model.dropout, resamp_with_conv=config.model.resamp_with_conv,
-                attention=config.model.attention, remat=bool(config.model.remat),
-                fast_variance=bool(config.model.fast_variance),
-                dtype=_COMPUTE_DTYPES[config.model.dtype])
+    ch: int
+    ch_mult: tuple
+    num_res_blocks: int
+    attn_resolutions: tuple
+    dropout: float
+    resamp_with_conv: bool
+    dtype: str
+    attention: str
+    remat: bool
+    fast_variance: bool
+
+    @classmethod
+    def from_config(cls, model_config) -> 'ModelSettings':
+        """Reads config.model; ValueError naming config.model.<key> when a key is missing, mistyped or not
+        one of the allowed values."""
+        settings = config_files.typed_section(cls, model_config, 'model')
+        if settings.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f'config.model.dtype={settings.dtype!r}; allowed: {sorted(COMPUTE_DTYPES)}')
+        if settings.attention not in ATTENTION_IMPLS:
+            raise ValueError(f'config.model.attention={settings.attention!r}; allowed: {ATTENTION_IMPLS}')
+        return settings
+
+
+def unet_from_settings(settings: ModelSettings, *, channels: int, learned_variance: bool) -> UNet:
+    """The UNet of `settings` for images of `channels` channels; out_ch = channels, doubled when the model also
+    outputs a learned variance (paper Sec. 3.2 fixes the variance; Improved DDPM learns it)."""
+    return UNet(ch=settings.ch, out_ch=channels * (2 if learned_variance else 1), ch_mult=settings.ch_mult,
+                num_res_blocks=settings.num_res_blocks, attn_resolutions=settings.attn_resolutions,
+                dropout=settings.dropout, resamp_with_conv=settings.resamp_with_conv, attention=settings.attention,
+                remat=settings.remat, fast_variance=settings.fast_variance, dtype=COMPUTE_DTYPES[settings.dtype])
+
+
+def create_model(config) -> UNet:
+    """The UNet of config.model for config.data.channels and config.diffusion.model_var_type (the boundary
+    adapter of `unet_from_settings`)."""
+    return unet_from_settings(ModelSettings.from_config(config.model), channels=config.data.channels,
+                              learned_variance=config.diffusion.model_var_type in diffusion.LEARNED_VAR_TYPES)
