@@ -37,10 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ddpm_jax import checkpoint
-from ddpm_jax import diffusion as diffusion_lib
-from ddpm_jax import evaluate
-from ddpm_jax import parallel
+from ddpm_jax import checkpoint, diffusion as diffusion_lib, evaluate, parallel
 
 # Stream folded into the seed key for the test loss's t and noise (evaluate's streams are 1-3).
 TEST_LOSS_STREAM = 4
