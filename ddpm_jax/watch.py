@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ddpm_jax import checkpoint, diffusion as diffusion_lib, evaluate, parallel
+from ddpm_jax import checkpoint, diffusion as diffusion_lib, evaluate, losses, parallel
 
 # Stream folded into the seed key for the test loss's t and noise (evaluate's streams are 1-3).
 TEST_LOSS_STREAM = 4
@@ -65,7 +65,7 @@ def test_loss(d, model_fn: Callable, x_start: jax.Array, mask: jax.Array, t: jax
     def batch_loss(inputs):
         x, t_batch, eps = inputs
         x_t = diffusion_lib.q_sample(d, x, t_batch, eps)
-        return diffusion_lib.training_losses(d, model_fn(x_t, t_batch), x, x_t, t_batch, eps)
+        return losses.training_losses(d, model_fn(x_t, t_batch), x, x_t, t_batch, eps)
 
     losses = jax.lax.map(batch_loss, (x_start, t, noise))   # [L, B]
     weights = mask.astype(jnp.float32)

@@ -188,6 +188,7 @@ class JaxWorker:
             train,  # pylint: disable=g-import-not-at-top
         )
         from ddpm_jax import diffusion as diffusion_lib  # pylint: disable=g-import-not-at-top
+        from ddpm_jax import losses  # pylint: disable=g-import-not-at-top
         from ddpm_jax.models import unet  # pylint: disable=g-import-not-at-top
         self.jax, self.parallel, self.train = jax, parallel, train
         compile_cache.enable(args['compile_cache_dir'])
@@ -222,7 +223,7 @@ class JaxWorker:
             def loss_fn(p):
                 x_t = diffusion_lib.q_sample(diffusion, x_start, t, noise)
                 output = model.apply({'params': p}, x_t, t, train=False)
-                return jnp.mean(diffusion_lib.training_losses(diffusion, output, x_start, x_t, t, noise)), output
+                return jnp.mean(losses.training_losses(diffusion, output, x_start, x_t, t, noise)), output
             (loss, output), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
             return output, loss, jnp.sqrt(sum(jnp.sum(g.astype(jnp.float32) ** 2) for g in jax.tree.leaves(grads)))
 
