@@ -67,9 +67,9 @@ def test_loss(d, model_fn: Callable, x_start: jax.Array, mask: jax.Array, t: jax
         x_t = diffusion_lib.q_sample(d, x, t_batch, eps)
         return losses.training_losses(d, model_fn(x_t, t_batch), x, x_t, t_batch, eps)
 
-    losses = jax.lax.map(batch_loss, (x_start, t, noise))   # [L, B]
+    batch_losses = jax.lax.map(batch_loss, (x_start, t, noise))   # [L, B]
     weights = mask.astype(jnp.float32)
-    return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    return jnp.sum(batch_losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 def make_test_loss_fn(config, apply_fn: Callable, mesh) -> Callable:
