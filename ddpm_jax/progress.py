@@ -157,11 +157,22 @@ def counting(batch_fn: Callable, what: str, total: Callable[[], int] | int | Non
     return counted
 
 
+# Warnings orbax prints each time a reader opens a checkpoint directory read-only (every poll of --mode=watch):
+# they describe the intended read-only mode, not a problem.
+_ORBAX_READ_ONLY_NOTES = ('read_only=True, setting save_interval_steps=0', 'Given directory is read only')
+
+
 class _QuietLibraries(python_logging.Filter):
-    """Keeps orbax's per-save INFO chatter out of the console (warnings and errors still show)."""
+    """Keeps orbax's per-save INFO chatter and its read-only notes out of the console (other warnings and errors
+    still show)."""
 
     def filter(self, record: python_logging.LogRecord) -> bool:
-        return record.levelno >= python_logging.WARNING or '/orbax/' not in record.pathname
+        if '/orbax/' not in record.pathname:
+            return True
+        if record.levelno >= python_logging.ERROR:
+            return True
+        return record.levelno >= python_logging.WARNING and not any(
+            note in record.getMessage() for note in _ORBAX_READ_ONLY_NOTES)
 
 
 def quiet_libraries() -> None:

@@ -1,4 +1,6 @@
 """Tests of ddpm_jax.progress: the line's count, rate and ETA, and device-side reporting."""
+import logging as python_logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,3 +76,17 @@ def test_report_at_limits_the_callbacks_and_keeps_the_last_step():
     np.testing.assert_array_equal(np.asarray(run(jnp.zeros(2))), np.full(2, 1000.0))
     jax.effects_barrier()
     assert sorted(calls) == sorted(report_at.tolist()) and p.count == 1000
+
+
+def test_library_filter_drops_orbax_chatter_and_read_only_notes_but_keeps_real_warnings():
+    def record(level, message, path='/site-packages/orbax/checkpoint/checkpoint_manager.py'):
+        return python_logging.LogRecord('absl', level, path, 1, message, (), None)
+
+    keep = progress._QuietLibraries().filter  # pylint: disable=protected-access
+    assert not keep(record(python_logging.INFO, 'Finished saving checkpoint'))
+    assert not keep(record(python_logging.WARNING, 'CheckpointManagerOptions.read_only=True, setting '
+                                                   'save_interval_steps=0.'))
+    assert not keep(record(python_logging.WARNING, 'Given directory is read only=/w/checkpoints'))
+    assert keep(record(python_logging.WARNING, 'Could not restore step 4'))
+    assert keep(record(python_logging.ERROR, 'Given directory is read only=/w/checkpoints'))
+    assert keep(record(python_logging.INFO, 'step 100/3000', path='/ddpm_jax/train.py'))
