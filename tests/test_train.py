@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import multihost_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
 import subprocess_helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from ddpm_jax import checkpoint, data, parallel, train, workdir_lock  # pylint: disable=wrong-import-position
+from ddpm_jax import checkpoint, data, hooks, optim, parallel, train, workdir_lock  # pylint: disable=wrong-import-position
 from ddpm_jax.errors import UserError  # pylint: disable=wrong-import-position
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'multihost_worker.py')
@@ -30,13 +30,13 @@ def _leaves(tree):
 
 def test_learning_rate_schedule_matches_official_warmup():
     config = multihost_worker.tiny_config(**{'optim.lr': 2e-4, 'optim.warmup_steps': 5000})
-    schedule = train.learning_rate_schedule(config.optim)
+    schedule = optim.learning_rate_schedule(config.optim)
     steps = np.array([0, 1, 2500, 4999, 5000, 10_000])
     expected = 2e-4 * np.minimum(steps / 5000.0, 1.0)  # official utils.py: lr * min(step / warmup, 1)
     got = np.array([float(schedule(s)) for s in steps])
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=0)  # float32 arithmetic
     config.optim.warmup_steps = 0
-    assert float(train.learning_rate_schedule(config.optim)(0)) == np.float32(2e-4)
+    assert float(optim.learning_rate_schedule(config.optim)(0)) == np.float32(2e-4)
 
 
 def test_first_step_has_zero_lr_and_ema_follows_official_decay():
@@ -394,7 +394,7 @@ def test_ema_warmup_matches_numpy_loop():
     n = np.arange(3000)
     for warmup in (False, True):
         expected = np.where(n == 0, 0.0, np.minimum(0.999, (1.0 + n) / (10.0 + n)) if warmup else 0.999)
-        got = np.asarray(jax.vmap(lambda s: train.ema_decay_at(s, 0.999, warmup))(jnp.asarray(n, jnp.int32)))
+        got = np.asarray(jax.vmap(lambda s: optim.ema_decay_at(s, 0.999, warmup))(jnp.asarray(n, jnp.int32)))
         np.testing.assert_allclose(got, expected, rtol=2e-7, atol=0)  # float32
     # Through the train step: the EMA equals a float64 numpy loop over the raw params of every step.
     config = multihost_worker.tiny_config(**{'optim.ema_warmup': True, 'optim.ema_decay': 0.99})
@@ -423,5 +423,5 @@ def test_tensorboard_steps_are_the_console_step_counts():
             pass
 
     values = dict(step=np.arange(0, 50), loss=np.ones(50), grad_norm=np.ones(50), lr=np.ones(50))
-    train._write_scalars(Writer(), values)  # steps 0..49 done: the console says "step 50"
+    hooks.write_scalars(Writer(), values)  # steps 0..49 done: the console says "step 50"
     assert recorded == [('train/loss', 50), ('train/grad_norm', 50), ('train/lr', 50)]
