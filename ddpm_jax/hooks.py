@@ -1,8 +1,8 @@
 """The hooks of the training loop (ddpm_jax/loop.py): metrics, test loss, checkpoints, sample grids, stopping.
 
 Each takes plain values and callables; train.train builds them from the config. The official run_training
-(diffusion_tf/tpu_utils/tpu_utils.py) logs summaries, saves checkpoints and writes EMA sample grids between TPU
-calls in the same way.
+(diffusion_tf/tpu_utils/tpu_utils.py) logs summaries every 100 steps and saves checkpoints between TPU calls;
+the sample grids, the test loss and the preemption handling are additions of this package.
 """
 import os
 import signal

@@ -3,8 +3,8 @@
 `run(state, step_fn, batches, hooks, ...)` is the whole loop; everything else a run does (console and
 TensorBoard metrics, checkpoints, sample grids, the periodic test loss) is a `Hook` (ddpm_jax/hooks.py), in the
 manner of swirl-dynamics' templates/train.py and callbacks. The official loop (diffusion_tf/tpu_utils/tpu_utils.py
-run_training) runs `iterations_per_loop` steps per TPU call and logs, saves and samples between calls; here a
-dispatch runs up to `steps_per_dispatch` steps and never crosses a log, save, sample or eval boundary.
+run_training) runs `iterations_per_loop` steps per TPU call and logs and saves between calls; here a dispatch
+runs up to `steps_per_dispatch` steps and never crosses a log, save, sample or eval boundary.
 
 After each dispatch the hooks run in two phases around the stop decision:
   on_dispatch_end(step, state, metrics)  every hook, in order: observe (save failures, test loss, logging);

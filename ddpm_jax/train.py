@@ -114,7 +114,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
 
 def _device_step_fn(config: ml_collections.ConfigDict) -> Callable:
     """`(state, x_start [b, H, W, C]) -> (state, metrics)`: one optimizer step on this device's slice, inside
-    shard_map over the `data` axis (the official train_fn of run_cifar.py: L_simple, Adam, then the EMA)."""
+    shard_map over the `data` axis (official run_cifar.py train_fn: L_simple and Adam; tpu_utils.py: the EMA)."""
     model = unet.create_model(config)
     diffusion = diffusion_lib.diffusion_from_config(config)
     optimizer = optim.make_optimizer(config.optim)
