@@ -25,6 +25,7 @@ from importlib import metadata
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -32,8 +33,9 @@ from absl import logging
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from ddpm_jax import parallel
+from ddpm_jax import optim, parallel
 from ddpm_jax.errors import UserError
+from ddpm_jax.models import params as params_lib, unet
 
 ITEM_EMA = 'ema_params'
 ITEM_STATE = 'train_state'
@@ -234,8 +236,7 @@ def save_params_only(workdir: str, params: Any, config: ml_collections.ConfigDic
     must have the structure and shapes of the config's model (ValueError naming the first mismatch);
     they are stored in the model's param dtypes.
     """
-    from ddpm_jax import train  # train imports this module
-    expected = jax.eval_shape(lambda: train.init_params(config, jax.random.key(0)))
+    expected = _abstract_params(config)
     expected_leaves = dict(jax.tree_util.tree_leaves_with_path(expected))
     given_leaves = dict(jax.tree_util.tree_leaves_with_path(params))
     if expected_leaves.keys() != given_leaves.keys():
@@ -259,6 +260,11 @@ def save_params_only(workdir: str, params: Any, config: ml_collections.ConfigDic
 
 # ----------------------------------------------------------------------------------------------
 # Restore.
+
+def _abstract_params(config: ml_collections.ConfigDict) -> Any:
+    """The params tree of the config's U-Net as ShapeDtypeStructs."""
+    return params_lib.abstract_params(unet.create_model(config), params_lib.image_shape(config.data))
+
 
 def _abstract(tree: Any, sharding: Optional[jax.sharding.Sharding]) -> Any:
     def leaf(x):
@@ -443,13 +449,11 @@ def restore_ema_params(workdir: str, config: ml_collections.ConfigDict,
     Returns:
       (params, step).
     """
-    from ddpm_jax import train  # train imports this module
     if not os.path.isdir(checkpoint_dir(workdir)):
         raise CheckpointNotFoundError(f'no checkpoints directory {checkpoint_dir(workdir)}; train first or pass the '
                                       'workdir of a run (or one written by the converter).')
     mesh = parallel.make_mesh()
-    target = _abstract(jax.eval_shape(lambda: train.init_params(config, jax.random.key(0))),
-                       parallel.replicated_sharding(mesh))
+    target = _abstract(_abstract_params(config), parallel.replicated_sharding(mesh))
     manager = make_manager(workdir, read_only=True)
     try:
         restored = _restore_with_fallback(workdir, manager, config, {ITEM_EMA: target}, step, quarantine=False)
@@ -517,12 +521,12 @@ def restore_eval_params(workdir: str, config: ml_collections.ConfigDict, step: O
     """
     if use_ema:
         return restore_ema_params(workdir, config, step)
-    from ddpm_jax import train  # train imports this module
     if not os.path.isdir(checkpoint_dir(workdir)):
         raise CheckpointNotFoundError(f'no checkpoints directory {checkpoint_dir(workdir)}; train first.')
     mesh = parallel.make_mesh()
-    state = train.create_train_state(config, mesh, abstract=True)
-    target = _abstract(dict(step=state.step, params=state.params, opt_state=state.opt_state),
+    params = _abstract_params(config)
+    target = _abstract(dict(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                            opt_state=jax.eval_shape(optim.make_optimizer(config.optim).init, params)),
                        parallel.replicated_sharding(mesh))
     manager = make_manager(workdir, read_only=True)
     try:

@@ -184,6 +184,7 @@ class JaxWorker:
             compile_cache,
             config_files,
             convert,
+            optim,
             parallel,
             train,  # pylint: disable=g-import-not-at-top
         )
@@ -206,7 +207,7 @@ class JaxWorker:
         replicated = parallel.replicated_sharding(self.mesh)
         template = train.create_train_state(self.config, self.mesh, abstract=True)
         params = jax.device_put(jax.tree.map(jnp.asarray, params), replicated)
-        optimizer = train.make_optimizer(self.config.optim)
+        optimizer = optim.make_optimizer(self.config.optim)
         self.state = template.replace(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
                                       ema_params=jax.tree.map(jnp.copy, params),
                                       opt_state=jax.jit(optimizer.init, out_shardings=replicated)(params))

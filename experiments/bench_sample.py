@@ -17,7 +17,7 @@ B * k image-steps of the real run, without spending minutes per timed call; the 
 depend on k (fori_loop), so the compile time is that of the full sampler. The only per-call work that
 is not a step (the x_T draw) is one noise draw, under 1/k of a step.
 
-Each setting: params from `train.init_params` (random, float32 as the EMA params), compile (lower +
+Each setting: params from `models.params.init_params` (random, float32 as the EMA params), compile (lower +
 compile, reported apart; XLA's cost analysis counts the loop body once, so its FLOPs / B are those of one
 step per image, 11.67 GFLOP for the CIFAR-10 U-Net), one untimed call, then --repeats timed calls (wall clock up to
 `block_until_ready`); ms / step = median call time / k, throughput = B * k / median call time.
@@ -40,7 +40,8 @@ import numpy as np  # pylint: disable=wrong-import-position,g-bad-import-order
 
 from ddpm_jax import evaluate  # pylint: disable=wrong-import-position
 from ddpm_jax import parallel  # pylint: disable=wrong-import-position
-from ddpm_jax import train  # pylint: disable=wrong-import-position
+from ddpm_jax.models import params as params_lib  # pylint: disable=wrong-import-position
+from ddpm_jax.models import unet  # pylint: disable=wrong-import-position
 
 
 def sampler_config(base_config, dtype: str, batch_size: int, num_steps: int):
@@ -68,7 +69,9 @@ def run_setting(base_config, config_name: str, dtype: str, batch_size: int, num_
     parallel.check_global_batch(batch_size, mesh)
     params = compiled = None
     try:
-        init = jax.jit(lambda rng: train.init_params(config, rng), out_shardings=parallel.replicated_sharding(mesh))
+        model, shape = unet.create_model(config), params_lib.image_shape(config.data)
+        init = jax.jit(lambda rng: params_lib.init_params(model, shape, rng),
+                       out_shardings=parallel.replicated_sharding(mesh))
         params = jax.block_until_ready(init(jax.random.key(config.seed)))
         row['num_params'] = bench_train.num_params(params)
         rng = jax.random.key(config.seed + 1)

@@ -79,6 +79,8 @@ import jax  # pylint: disable=wrong-import-position,g-bad-import-order
 import numpy as np  # pylint: disable=wrong-import-position,g-bad-import-order
 
 from ddpm_jax import evaluate, parallel, train  # pylint: disable=wrong-import-position
+from ddpm_jax.models import params as params_lib  # pylint: disable=wrong-import-position
+from ddpm_jax.models import unet  # pylint: disable=wrong-import-position
 
 WHATS = ('train', 'sample')
 DEFAULT_BATCH = {'train': 128, 'sample': 1024}
@@ -653,7 +655,9 @@ def profile_sample(base_config, dtype: str, batch_size: int, steps: int, trace_d
     config = bench_sample.sampler_config(base_config, dtype, batch_size, steps)
     mesh = parallel.make_mesh()
     parallel.check_global_batch(batch_size, mesh)
-    init = jax.jit(lambda rng: train.init_params(config, rng), out_shardings=parallel.replicated_sharding(mesh))
+    model, shape = unet.create_model(config), params_lib.image_shape(config.data)
+    init = jax.jit(lambda rng: params_lib.init_params(model, shape, rng),
+                   out_shardings=parallel.replicated_sharding(mesh))
     params = jax.block_until_ready(init(jax.random.key(config.seed)))
     rng = jax.random.key(config.seed + 1)
     sample_batch = evaluate.make_sample_batch_fn(config, evaluate.model_apply_fn(config), mesh, quantize=False)

@@ -128,6 +128,6 @@ def test_initialiser_compiles_no_forward_pass_and_matches_flax_init():
     assert [p for p, _ in flat_state] == [p for p, _ in flat_reference]
     for (path, got), (_, want) in zip(flat_state, flat_reference):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=str(path))
-    hlo = train._compiled_init(train._CompileKey(config), mesh).lower().as_text()  # pylint: disable=protected-access
+    hlo = train.make_init_fn(config, mesh).lower().as_text()
     assert 'stablehlo.convolution' not in hlo and 'stablehlo.dot_general' not in hlo
     assert 'threefry' in hlo or 'stablehlo.shift_right_logical' in hlo  # the random bits are there

@@ -13,6 +13,7 @@ import pytest
 import subprocess_helpers
 
 from ddpm_jax import checkpoint, config_files, data, diffusion, evaluate, likelihood, parallel, samplers, train
+from ddpm_jax.models import params as params_lib
 from ddpm_jax.models import unet
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +46,7 @@ def _tiny_config():
 def _random_params(config):
     """Random params of the model's shapes (numpy, no init compilation): kernels ~ N(0, 1/fan_in),
     biases ~ N(0, 0.05^2), norm scales ~ 1 + N(0, 0.05^2)."""
-    shapes = jax.eval_shape(lambda: train.init_params(config, jax.random.PRNGKey(0)))
+    shapes = params_lib.abstract_params(unet.create_model(config), params_lib.image_shape(config.data))
     rng = np.random.default_rng(0)
 
     def make(path, leaf):

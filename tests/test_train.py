@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import multihost_worker  # pylint: disable=g-import-not-at-top,wrong-import-position
 import subprocess_helpers  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from ddpm_jax import checkpoint, data, parallel, train, workdir_lock  # pylint: disable=wrong-import-position
+from ddpm_jax import checkpoint, data, hooks, optim, parallel, train, workdir_lock  # pylint: disable=wrong-import-position
 from ddpm_jax.errors import UserError  # pylint: disable=wrong-import-position
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'multihost_worker.py')
@@ -29,13 +29,13 @@ def _leaves(tree):
 
 def test_learning_rate_schedule_matches_official_warmup():
     config = multihost_worker.tiny_config(**{'optim.lr': 2e-4, 'optim.warmup_steps': 5000})
-    schedule = train.learning_rate_schedule(config.optim)
+    schedule = optim.learning_rate_schedule(config.optim)
     steps = np.array([0, 1, 2500, 4999, 5000, 10_000])
     expected = 2e-4 * np.minimum(steps / 5000.0, 1.0)  # official utils.py: lr * min(step / warmup, 1)
     got = np.array([float(schedule(s)) for s in steps])
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=0)  # float32 arithmetic
     config.optim.warmup_steps = 0
-    assert float(train.learning_rate_schedule(config.optim)(0)) == np.float32(2e-4)
+    assert float(optim.learning_rate_schedule(config.optim)(0)) == np.float32(2e-4)
 
 
 def test_first_step_has_zero_lr_and_ema_follows_official_decay():
@@ -393,7 +393,7 @@ def test_ema_warmup_matches_numpy_loop():
     n = np.arange(3000)
     for warmup in (False, True):
         expected = np.where(n == 0, 0.0, np.minimum(0.999, (1.0 + n) / (10.0 + n)) if warmup else 0.999)
-        got = np.asarray(jax.vmap(lambda s: train.ema_decay_at(s, 0.999, warmup))(jnp.asarray(n, jnp.int32)))
+        got = np.asarray(jax.vmap(lambda s: optim.ema_decay_at(s, 0.999, warmup))(jnp.asarray(n, jnp.int32)))
         np.testing.assert_allclose(got, expected, rtol=2e-7, atol=0)  # float32
     # Through the train step: the EMA equals a float64 numpy loop over the raw params of every step.
     config = multihost_worker.tiny_config(**{'optim.ema_warmup': True, 'optim.ema_decay': 0.99})
@@ -422,5 +422,29 @@ def test_tensorboard_steps_are_the_console_step_counts():
             pass
 
     values = dict(step=np.arange(0, 50), loss=np.ones(50), grad_norm=np.ones(50), lr=np.ones(50))
-    train._write_scalars(Writer(), values)  # steps 0..49 done: the console says "step 50"
+    hooks.write_scalars(Writer(), values)  # steps 0..49 done: the console says "step 50"
     assert recorded == [('train/loss', 50), ('train/grad_norm', 50), ('train/lr', 50)]
+
+
+def test_sample_grid_is_one_batch_of_the_evaluation_sampler_of_config_sampling(tmp_path):
+    """The grid written while training is `evaluate.make_sample_batch_fn` (sample mode's sampler, here DDIM with 5
+    steps from config.sampling) applied to the EMA params with the fixed key fold_in(fold_in(key(seed), 3), 0)."""
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+
+    from ddpm_jax import evaluate, image_grid  # pylint: disable=g-import-not-at-top
+    config = multihost_worker.tiny_config(**{'training.num_grid_samples': 3, 'training.sample_every_steps': 2,
+                                             'sampling.sampler': 'ddim', 'sampling.num_steps': 5})
+    state = train.train(config, str(tmp_path))
+    grid = np.asarray(Image.open(tmp_path / 'samples' / 'step_0000002.png'))
+    rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 3), 0)
+    expected = {}
+    for sampler in ('ddim', 'ancestral'):
+        sample_config = multihost_worker.tiny_config(**{'sampling.sampler': sampler, 'sampling.num_steps': 5,
+                                                        'sampling.batch_size': 3})
+        batch = evaluate.make_sample_batch_fn(sample_config, evaluate.model_apply_fn(sample_config),
+                                              parallel.make_mesh(), quantize=False)(state.ema_params, rng)
+        path = str(tmp_path / f'{sampler}.png')
+        image_grid.save_image_grid(parallel.to_host(batch), path, scale=8)  # 64 // image_size 8
+        expected[sampler] = np.asarray(Image.open(path))
+    np.testing.assert_array_equal(grid, expected['ddim'])
+    assert np.any(grid != expected['ancestral'])  # the sampler setting reaches the grid
