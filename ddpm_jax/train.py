@@ -477,8 +477,8 @@ def _train_loop(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
         nonlocal test_loss_fn, log_time
         started = time.time()
         if test_loss_fn is None:
-            from ddpm_jax import evaluate, watch  # pylint: disable=g-import-not-at-top
-            test_loss_fn = watch.make_test_loss_fn(config, evaluate.model_apply_fn(config), mesh)
+            from ddpm_jax.evaluation import common, watch  # pylint: disable=g-import-not-at-top
+            test_loss_fn = watch.make_test_loss_fn(config, common.model_apply_fn(config), mesh)
         value = test_loss_fn(state.ema_params)
         if writer is not None:
             writer.add_scalar('eval/test_loss', value, step)
