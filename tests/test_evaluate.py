@@ -518,3 +518,31 @@ def test_export_png_round_trips_to_the_npz(run, tmp_path):
     folder = sample_mode.export_pngs(rgb, str(tmp_path / 'rgb'))
     for i in range(3):
         np.testing.assert_array_equal(np.asarray(Image.open(os.path.join(folder, f'{i:06d}.png'))), rgb[i])
+
+
+def test_registry_names_every_mode_of_its_module_and_main_lists_them_without_importing_them():
+    import subprocess
+    import sys
+    for mode, module in evaluation.MODES.items():
+        assert evaluation.get(mode) is importlib.import_module(module).MODES[mode]
+    modules = set(evaluation.MODES.values())
+    assert {mode for m in modules for mode in importlib.import_module(m).MODES} == set(evaluation.MODES)
+    script = ('import sys; from ddpm_jax import main; print(sorted(main.MODES)); '
+              'print(sorted(m for m in sys.modules if m.startswith("ddpm_jax.evaluation.")))')
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get('PYTHONPATH', '')]))
+    out = subprocess.run([sys.executable, '-c', script], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
+                         timeout=600, check=True).stdout.splitlines()
+    assert out[0] == str(sorted(['train', *evaluation.MODES])) and out[1] == '[]'
+
+
+def test_figure_modes_refuse_a_folder_made_with_other_settings(run, tmp_path):
+    config, workdir, _ = run
+    config = config.copy_and_resolve_references()
+    config.eval.num_shared, config.eval.shared_xt_timesteps = 2, (3,)
+    other = _copy_checkpoints(workdir, tmp_path)
+    first = evaluation.get('shared_xt')(config, other)
+    with open(os.path.join(os.path.dirname(first['png']), 'settings.json')) as f:
+        assert json.load(f)['num_shared'] == 2
+    config.eval.num_shared = 3
+    with pytest.raises(ValueError, match='other settings'):
+        evaluation.get('shared_xt')(config, other)
