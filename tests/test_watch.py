@@ -1,5 +1,5 @@
-"""Tests of --mode=watch (ddpm_jax.watch), the training loop's periodic test loss, the FID input guard and the
-FID repeats, on a tiny random U-Net over the 8x8 digits (T = 10)."""
+"""Tests of --mode=watch (ddpm_jax.evaluation.watch), the training loop's periodic test loss, the FID input guard
+and the FID repeats, on a tiny random U-Net over the 8x8 digits (T = 10)."""
 import json
 import logging
 import os
