@@ -226,7 +226,7 @@ _TINY_RUN = ['--config.model.ch=32', '--config.model.ch_mult=(1,)', '--config.mo
              '--config.training.log_every_steps=10', '--config.training.num_grid_samples=0',
              '--config.training.keep_latest=5', '--config.eval.batch_size=16', '--config.watch.loss_batches=1',
              '--config.watch.nll_images=8', '--config.watch.num_samples=0', '--config.watch.poll_seconds=0.5',
-             '--config.watch.timeout=600']
+             '--config.watch.timeout=600', '--config.watch.num_steps=5']   # the default 100 is refused for T = 20
 
 
 def _start_cli(workdir, mode, log_path):

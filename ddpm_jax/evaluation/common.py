@@ -135,6 +135,12 @@ def model_apply_fn(config) -> Callable:
     return apply_fn
 
 
+def requested_step(config) -> int | None:
+    """config.eval.checkpoint_step, or None (the newest intact checkpoint) when it is None or negative."""
+    step = config.eval.checkpoint_step
+    return None if step is None or step < 0 else int(step)
+
+
 def load_model(config, workdir: str):
     """(apply_fn(params, x, t) -> output, params, checkpoint step) of the checkpoint config.eval selects: its EMA
     params, or with config.eval.use_ema=False the raw params of a training checkpoint.
@@ -142,9 +148,8 @@ def load_model(config, workdir: str):
     Every evaluation mode picks its checkpoint here: config.eval.checkpoint_step, or (when None or negative) the
     newest one that reads back intact (the restore falls back past damaged ones).
     """
-    step = config.eval.checkpoint_step
-    step = None if step is None or step < 0 else int(step)
-    params, step = checkpoint.restore_eval_params(workdir, config, step=step, use_ema=bool(config.eval.use_ema))
+    params, step = checkpoint.restore_eval_params(workdir, config, step=requested_step(config),
+                                                  use_ema=bool(config.eval.use_ema))
     return model_apply_fn(config), params, int(step)
 
 

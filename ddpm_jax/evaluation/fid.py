@@ -103,9 +103,10 @@ def summarize_fid_repeats(results: list[dict]) -> dict:
 def _load_samples_for_fid(config, workdir: str, step: int | None = None) -> tuple[np.ndarray, str, int]:
     """(uint8 samples [N,H,W,C], samples.npz path, checkpoint step) written by sample mode for this config.
 
-    The step (when not given) is the one sample mode used: load_model's (config.eval.checkpoint_step, or the
-    newest checkpoint that reads back intact), so both agree after a fallback past a damaged checkpoint.
+    The step (when not given) is the one sample mode used: config.eval.checkpoint_step, or load_model's newest
+    checkpoint that reads back intact, so both agree after a fallback past a damaged checkpoint.
     """
+    step = common.requested_step(config) if step is None else step
     if step is None:
         _, _, step = common.load_model(config, workdir)
     path = os.path.join(sample_lib.samples_dir(config, workdir, step), 'samples.npz')
