@@ -108,6 +108,8 @@ def report_from_device(model_fn: Callable, on_call: Callable[[int], None], repor
         table[report_at] = True
 
     def wrapped(x, t):
+        if not jnp.issubdtype(t.dtype, jnp.integer):   # continuous time (the ODE solvers): no step to report
+            return model_fn(x, t)
         if report_at is None:
             jax.debug.callback(host, t[0])
         else:
