@@ -121,7 +121,7 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.fid_num_reference_images = 0  # first images of each reference split; 0 = the whole split
     evaluation.fid_repeats = 1          # k > 1: FID of k disjoint seeds (seed, seed+1, ...): mean, min and std
 
-    # --mode=watch: scores each new checkpoint beside training (see ddpm_jax/watch.py). One CIFAR-10 point with
+    # --mode=watch: scores each new checkpoint beside training (ddpm_jax/evaluation/watch.py). One CIFAR-10 point with
     # these values: about 3 minutes on one H100-class GPU (the NLL bound of 1,000 images over T=1000 steps ~2 min,
     # 5,000 DDIM-100 samples ~0.5 min, Inception ~0.2 min); FID is a proxy (N < 50,000, steps < T).
     watch = config.watch = ml_collections.ConfigDict()

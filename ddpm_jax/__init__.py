@@ -1,7 +1,7 @@
 """ddpm_jax: Denoising Diffusion Probabilistic Models (Ho, Jain, Abbeel 2020) in JAX/Flax.
 
 The public API: the pure diffusion core (`schedules`, `diffusion`, `likelihood`, `losses`) and the U-Net.
-Training, evaluation, data and checkpoints live in their modules (`ddpm_jax.train`, `ddpm_jax.evaluate`,
+Training, evaluation, data and checkpoints live in their modules (`ddpm_jax.train`, `ddpm_jax.evaluation`,
 `ddpm_jax.data`, `ddpm_jax.checkpoint`) and are driven by `python -m ddpm_jax.main`. Importing this
 package needs neither TensorFlow nor PyTorch.
 """

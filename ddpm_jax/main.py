@@ -18,6 +18,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from ddpm_jax.errors import UserError
+from ddpm_jax import evaluation
 from ddpm_jax import progress
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
@@ -43,23 +44,12 @@ def _train(config, workdir: str) -> None:
 
 def _evaluation_mode(name: str) -> Callable:
     def run(config, workdir: str):
-        from ddpm_jax import evaluate  # pylint: disable=g-import-not-at-top
-        return evaluate.MODES[name](config, workdir)
+        return evaluation.get(name)(config, workdir)
     return run
 
 
-def _watch(config, workdir: str):
-    from ddpm_jax import watch  # pylint: disable=g-import-not-at-top
-    return watch.run(config, workdir)
-
-
-# mode name -> function(config, workdir).
-MODES: Dict[str, Callable] = {
-    'train': _train,
-    'watch': _watch,
-    **{name: _evaluation_mode(name)
-       for name in ('sample', 'eval', 'fid', 'rate_distortion', 'progressive', 'shared_xt', 'interpolate')},
-}
+# mode name -> function(config, workdir); the evaluation modes from the registry, imported when run.
+MODES: Dict[str, Callable] = {'train': _train, **{name: _evaluation_mode(name) for name in evaluation.MODES}}
 
 
 def _ignore_event_loop_noise(default_hook: Callable) -> Callable:
@@ -106,7 +96,7 @@ def main(argv) -> None:
         parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config = _CONFIG.value
     from ddpm_jax import compile_cache  # pylint: disable=g-import-not-at-top
-    compile_cache.enable(config.get('compile_cache_dir', compile_cache.DEFAULT_DIR))
+    compile_cache.enable(config.compile_cache_dir)
     if _DATA_DIR.value is not None:
         config.data.data_dir = _DATA_DIR.value
     from ddpm_jax import validation  # pylint: disable=g-import-not-at-top

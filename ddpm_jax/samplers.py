@@ -284,3 +284,35 @@ def sampler_timesteps(config) -> np.ndarray:
     """The original timesteps (int64, ascending) at which the sampler config.sampling selects calls the model."""
     dcfg = config.diffusion
     return respaced_timesteps(dcfg.num_diffusion_timesteps, config.sampling.num_steps or dcfg.num_diffusion_timesteps)
+
+
+def shared_xt_samples(d, model_fn: ModelFn, shape, rng, t: int, num_shared: int, *, clip_denoised=True):
+    """Paper Fig. 7: one ancestral chain from x_T down to x_t (code t), then `num_shared` independent
+    continuations to x_0, i.e. samples of p(x_0 | x_t).
+
+    shape: [H, W, C]. Returns (x_t [1,H,W,C], samples [num_shared,H,W,C]). Noise: x_T from fold_in(rng, 0),
+    the shared chain from fold_in(rng, 1), the continuations from fold_in(rng, 2)."""
+    num_timesteps = d.num_timesteps
+    x_big_t = jax.random.normal(jax.random.fold_in(rng, 0), (1,) + tuple(shape))
+    x_t = diffusion_lib.p_sample_range(d, model_fn, x_big_t, jax.random.fold_in(rng, 1),
+                                       t_start=num_timesteps - 1, t_stop=t + 1, clip_denoised=clip_denoised)
+    branches = jnp.broadcast_to(x_t, (num_shared,) + tuple(shape))
+    samples = diffusion_lib.p_sample_range(d, model_fn, branches, jax.random.fold_in(rng, 2), t_start=t, t_stop=0,
+                                           clip_denoised=clip_denoised)
+    return x_t, samples
+
+
+def interpolate_images(d, model_fn: ModelFn, x_a, x_b, t, lambdas, rng, *, clip_denoised=True):
+    """Paper Fig. 8 (Sec. 4.3, interpolation): x_a, x_b: [1,H,W,C] in [-1,1]; encode both to code timestep t with
+    the SAME noise eps = normal(fold_in(rng, 0)), mix (1 - lam) x_t + lam x'_t for lam in lambdas [L], decode each
+    mix with the reverse process from t with reverse noise fold_in(rng, 1) shared by all lam.
+    Returns (mixed x_t [L,H,W,C], decoded x_0 [L,H,W,C])."""
+    eps = jax.random.normal(jax.random.fold_in(rng, 0), x_a.shape, x_a.dtype)
+    t_vec = jnp.full((1,), t, jnp.int32)
+    x_t_a = diffusion_lib.q_sample(d, x_a, t_vec, eps)
+    x_t_b = diffusion_lib.q_sample(d, x_b, t_vec, eps)
+    lam = jnp.asarray(lambdas, x_a.dtype).reshape(-1, 1, 1, 1)
+    mixed = (1.0 - lam) * x_t_a + lam * x_t_b
+    decoded = diffusion_lib.p_sample_range(d, model_fn, mixed, jax.random.fold_in(rng, 1), t_start=t, t_stop=0,
+                                           clip_denoised=clip_denoised, share_noise_across_batch=True)
+    return mixed, decoded

@@ -29,20 +29,21 @@ from ddpm_jax import checkpoint
 from ddpm_jax import data as data_lib
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import losses
-from ddpm_jax import evaluate
 from ddpm_jax import hooks as hooks_lib
 from ddpm_jax import loop
 from ddpm_jax import optim
 from ddpm_jax import parallel
+from ddpm_jax import rng_streams
 from ddpm_jax import validation
-from ddpm_jax import watch
 from ddpm_jax import workdir_lock
+from ddpm_jax.evaluation import common as eval_common
+from ddpm_jax.evaluation import sample as eval_sample
+from ddpm_jax.evaluation import watch
 from ddpm_jax.errors import UserError
 from ddpm_jax.hooks import SaveFailedError
 from ddpm_jax.models import params as params_lib
 from ddpm_jax.models import unet
 
-_INIT_STREAM, _EXAMPLE_STREAM, _DROPOUT_STREAM, _SAMPLE_STREAM = 0, 1, 2, 3
 
 
 @flax.struct.dataclass
@@ -70,7 +71,7 @@ def make_init_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
     """
     model, shape = unet.create_model(config), params_lib.image_shape(config.data)
     optimizer = optim.make_optimizer(config.optim)
-    rng = stream_key(config, _INIT_STREAM)
+    rng = stream_key(config, rng_streams.TRAIN_INIT)
 
     def init() -> TrainState:
         params = params_lib.init_params(model, shape, rng)
@@ -121,8 +122,8 @@ def _device_step_fn(config: ml_collections.ConfigDict) -> Callable:
     optimizer = optim.make_optimizer(config.optim)
     schedule = optim.learning_rate_schedule(config.optim)
     ema_decay, ema_warmup = float(config.optim.ema_decay), bool(config.optim.ema_warmup)
-    example_stream = stream_key(config, _EXAMPLE_STREAM)
-    dropout_stream = stream_key(config, _DROPOUT_STREAM)
+    example_stream = stream_key(config, rng_streams.TRAIN_EXAMPLE)
+    dropout_stream = stream_key(config, rng_streams.TRAIN_DROPOUT)
 
     def device_step(state: TrainState, x_start: jax.Array) -> tuple:
         keys = parallel.example_keys(example_stream, state.step, x_start.shape[0])
@@ -159,8 +160,9 @@ def make_grid_sampler(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
     with the fixed key fold_in(sample_stream, 0), so grids from successive steps start from the same noise."""
     grid_config = config.copy_and_resolve_references()
     grid_config.sampling.batch_size = -(-num_samples // mesh.devices.size) * mesh.devices.size
-    sample_batch = evaluate.make_sample_batch_fn(grid_config, evaluate.model_apply_fn(config), mesh, quantize=False)
-    rng = jax.random.fold_in(stream_key(config, _SAMPLE_STREAM), 0)
+    sample_batch = eval_sample.make_sample_batch_fn(grid_config, eval_common.model_apply_fn(config), mesh,
+                                                    quantize=False)
+    rng = jax.random.fold_in(stream_key(config, rng_streams.TRAIN_GRID_SAMPLE), 0)
     return lambda ema_params: sample_batch(ema_params, rng)
 
 
@@ -279,7 +281,7 @@ def _make_hooks(config: ml_collections.ConfigDict, workdir: str, mesh: jax.shard
                                       flush=metrics.flush, directory=checkpoint.checkpoint_dir(workdir))]
     if training.eval_every_steps > 0:
         def make_loss_fn():
-            return watch.make_test_loss_fn(config, evaluate.model_apply_fn(config), mesh)
+            return watch.make_test_loss_fn(config, eval_common.model_apply_fn(config), mesh)
         hooks.append(hooks_lib.TestLossHook(make_loss_fn, writer, every=training.eval_every_steps,
                                             report=metrics.report_test_loss,
                                             exclude=lambda seconds: metrics.exclude(seconds, from_eta=False)))

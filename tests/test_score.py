@@ -20,7 +20,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpoint, config_files, diffusion, evaluate, samplers, score
+from ddpm_jax import checkpoint, config_files, diffusion, samplers, score
+from ddpm_jax.evaluation import nll as nll_mode, sample as sample_mode
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -396,7 +397,7 @@ def test_sample_mode_runs_the_score_samplers_with_tagged_folders_and_nfe(tiny_ru
     config = config.copy_and_resolve_references()
     config.sampling.sampler, config.sampling.num_steps = sampler, num_steps   # pc on 10 respaced steps of T = 20
     config.sampling.ode_rtol, config.sampling.ode_atol = 1e-3, 1e-3
-    result = evaluate.sample(config, workdir)
+    result = sample_mode.run(config, workdir)
     out_dir = os.path.dirname(result['path'])
     want_tag = {'pc': 'pc10_snr0.16_corr1', 'langevin': 'langevin20_snr0.16_corr1',
                 'ode': 'ode_adaptive_rtol0.001_atol0.001'}[sampler]
@@ -413,7 +414,7 @@ def test_sample_mode_runs_the_score_samplers_with_tagged_folders_and_nfe(tiny_ru
         assert metadata['nfe_per_batch'] == [want_nfe]
     # Other Langevin / ODE settings go to another folder.
     config.sampling.snr, config.sampling.ode_rtol = 0.2, 1e-4
-    assert evaluate.samples_dir(config, workdir, 3) != out_dir
+    assert sample_mode.samples_dir(config, workdir, 3) != out_dir
 
 
 def test_cli_eval_ode_likelihood_end_to_end_and_resume(tiny_run):
@@ -463,4 +464,4 @@ def test_eval_names_a_bad_likelihood_setting(tiny_run):
     config = config.copy_and_resolve_references()
     config.eval.likelihood = 'elbo'
     with pytest.raises(ValueError, match="config.eval.likelihood='elbo'; allowed: 'bound'"):
-        evaluate.evaluate_nll(config, workdir)
+        nll_mode.run(config, workdir)

@@ -427,11 +427,12 @@ def test_tensorboard_steps_are_the_console_step_counts():
 
 
 def test_sample_grid_is_one_batch_of_the_evaluation_sampler_of_config_sampling(tmp_path):
-    """The grid written while training is `evaluate.make_sample_batch_fn` (sample mode's sampler, here DDIM with 5
+    """The grid written while training is `evaluation.sample.make_sample_batch_fn` (sample mode's sampler, here DDIM with 5
     steps from config.sampling) applied to the EMA params with the fixed key fold_in(fold_in(key(seed), 3), 0)."""
     from PIL import Image  # pylint: disable=g-import-not-at-top
 
-    from ddpm_jax import evaluate, image_grid  # pylint: disable=g-import-not-at-top
+    from ddpm_jax import image_grid  # pylint: disable=g-import-not-at-top
+    from ddpm_jax.evaluation import common, sample  # pylint: disable=g-import-not-at-top
     config = multihost_worker.tiny_config(**{'training.num_grid_samples': 3, 'training.sample_every_steps': 2,
                                              'sampling.sampler': 'ddim', 'sampling.num_steps': 5})
     state = train.train(config, str(tmp_path))
@@ -441,8 +442,8 @@ def test_sample_grid_is_one_batch_of_the_evaluation_sampler_of_config_sampling(t
     for sampler in ('ddim', 'ancestral'):
         sample_config = multihost_worker.tiny_config(**{'sampling.sampler': sampler, 'sampling.num_steps': 5,
                                                         'sampling.batch_size': 3})
-        batch = evaluate.make_sample_batch_fn(sample_config, evaluate.model_apply_fn(sample_config),
-                                              parallel.make_mesh(), quantize=False)(state.ema_params, rng)
+        batch = sample.make_sample_batch_fn(sample_config, common.model_apply_fn(sample_config),
+                                            parallel.make_mesh(), quantize=False)(state.ema_params, rng)
         path = str(tmp_path / f'{sampler}.png')
         image_grid.save_image_grid(parallel.to_host(batch), path, scale=8)  # 64 // image_size 8
         expected[sampler] = np.asarray(Image.open(path))

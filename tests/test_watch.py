@@ -1,5 +1,5 @@
-"""Tests of --mode=watch (ddpm_jax.watch), the training loop's periodic test loss, the FID input guard and the
-FID repeats, on a tiny random U-Net over the 8x8 digits (T = 10)."""
+"""Tests of --mode=watch (ddpm_jax.evaluation.watch), the training loop's periodic test loss, the FID input guard
+and the FID repeats, on a tiny random U-Net over the 8x8 digits (T = 10)."""
 import json
 import logging
 import os
@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from test_evaluate import _random_params, _tiny_config  # the tiny model of the evaluation tests
 
-from ddpm_jax import checkpoint, diffusion, evaluate, fid, schedules, watch
+from ddpm_jax import checkpoint, diffusion, evaluation, fid, schedules
+from ddpm_jax.evaluation import fid as fid_mode, sample as sample_mode, watch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,22 +75,22 @@ def test_every_k_selection_and_proxy_label():
 
 def test_fid_guard_rejects_float_samples_wrong_shapes_and_counts(tmp_path):
     good = np.zeros((6, 8, 8, 1), np.uint8)
-    evaluate.check_fid_samples(good, image_shape=(8, 8, 1), num_samples=6, source='s.npz')
+    fid_mode.check_fid_samples(good, image_shape=(8, 8, 1), num_samples=6, source='s.npz')
     for samples, message in [(good.astype(np.float32) / 127.5 - 1, r'float32 samples; FID needs uint8'),
                              (good[..., 0], r'shape \(6, 8, 8\); this config needs \[N, 8, 8, 1\]'),
                              (np.zeros((6, 8, 8, 3), np.uint8), r'needs \[N, 8, 8, 1\]'),
                              (good[:5], r'holds 5 samples, not config.sampling.num_samples=6')]:
         with pytest.raises(ValueError, match=message):
-            evaluate.check_fid_samples(samples, image_shape=(8, 8, 1), num_samples=6, source='s.npz')
+            fid_mode.check_fid_samples(samples, image_shape=(8, 8, 1), num_samples=6, source='s.npz')
     # The fid mode refuses a float samples.npz before any Inception work.
     config = _tiny_config()
     config.sampling.num_samples = 6
     config.eval.checkpoint_step = 7
-    out_dir = evaluate.samples_dir(config, str(tmp_path), 7)
+    out_dir = sample_mode.samples_dir(config, str(tmp_path), 7)
     os.makedirs(out_dir)
     np.savez(os.path.join(out_dir, 'samples.npz'), samples=good.astype(np.float32))
     with pytest.raises(ValueError, match='samples.npz holds float32 samples'):
-        evaluate.MODES['fid'](config, str(tmp_path))
+        evaluation.get('fid')(config, str(tmp_path))
 
 
 def _fake_inception(tmp_path):
@@ -108,19 +109,19 @@ def test_fid_repeats_use_disjoint_seeds_and_report_mean_min_std(tmp_path, monkey
     config = _tiny_config()
     config.seed, config.sampling.num_samples, config.eval.checkpoint_step = 5, 6, 7
     config.eval.fid_repeats, config.eval.fid_num_reference_images = 3, 12
-    assert [c.seed for c in evaluate.fid_repeat_configs(config)] == [5, 6, 7]
+    assert [c.seed for c in fid_mode.fid_repeat_configs(config)] == [5, 6, 7]
     rng = np.random.default_rng(0)
     sets = {}
     for seed in (5, 6, 7):
         repeat_config = config.copy_and_resolve_references()
         repeat_config.seed = seed
-        out_dir = evaluate.samples_dir(repeat_config, str(tmp_path), 7)
+        out_dir = sample_mode.samples_dir(repeat_config, str(tmp_path), 7)
         os.makedirs(out_dir)
         sets[seed] = rng.integers(0, 256, size=(6, 8, 8, 1), dtype=np.uint8)
         np.savez(os.path.join(out_dir, 'samples.npz'), samples=sets[seed])
     fake = _fake_inception(tmp_path)
-    monkeypatch.setattr(evaluate, 'load_fid_inception', lambda config: fake)
-    result = evaluate.MODES['fid'](config, str(tmp_path))
+    monkeypatch.setattr(fid_mode, 'load_fid_inception', lambda config: fake)
+    result = evaluation.get('fid')(config, str(tmp_path))
 
     from ddpm_jax import data
     references = {role: data.to_model_range(data.load_source(config, role)[np.arange(12)]).astype(np.float64)
@@ -144,7 +145,7 @@ def test_fid_repeats_use_disjoint_seeds_and_report_mean_min_std(tmp_path, monkey
     # A missing repeat names the seed to sample.
     config.eval.fid_repeats = 4
     with pytest.raises(FileNotFoundError, match='--config.seed=8'):
-        evaluate.MODES['fid'](config, str(tmp_path))
+        evaluation.get('fid')(config, str(tmp_path))
 
 
 # ----------------------------------------------------------------------------------------------- the watch, in process
@@ -166,7 +167,7 @@ def test_watch_scores_skips_scored_and_removed_checkpoints_and_equals_the_modes(
     # below scores several.
     checkpoint.save_params_only(workdir, _random_params(config), config, 2)
     fake = _fake_inception(tmp_path)
-    monkeypatch.setattr(evaluate, 'load_fid_inception', lambda config: fake)
+    monkeypatch.setattr(fid_mode, 'load_fid_inception', lambda config: fake)
     points = watch.run(config, workdir)
     assert [p['step'] for p in points] == [2]
     assert points[0]['fid_proxy'] and points[0]['fid_note'].startswith('FID proxy (8 samples, ddim 5 steps')
@@ -177,10 +178,10 @@ def test_watch_scores_skips_scored_and_removed_checkpoints_and_equals_the_modes(
         mode_config = watch.nll_config(config)
         assert mode_config.eval.num_images == 6 and mode_config.eval.batch_size == 4
         mode_config.eval.checkpoint_step = point['step']
-        assert evaluate.MODES['eval'](mode_config, workdir)['nll_bpd'] == point['nll_bpd']
+        assert evaluation.get('eval')(mode_config, workdir)['nll_bpd'] == point['nll_bpd']
         mode_config = watch.sample_config(mode_config)
-        evaluate.MODES['sample'](mode_config, workdir)
-        fid_result = evaluate.MODES['fid'](mode_config, workdir)
+        evaluation.get('sample')(mode_config, workdir)
+        fid_result = evaluation.get('fid')(mode_config, workdir)
         assert fid_result['fid_train'] == point['fid_train'] and fid_result['fid_test'] == point['fid_test']
     with open(tmp_path / 'run' / 'watch' / 'curve.csv') as f:
         rows = f.read().splitlines()
@@ -223,7 +224,7 @@ _TINY_RUN = ['--config.model.ch=32', '--config.model.ch_mult=(1,)', '--config.mo
              '--config.training.log_every_steps=10', '--config.training.num_grid_samples=0',
              '--config.training.keep_latest=5', '--config.eval.batch_size=16', '--config.watch.loss_batches=1',
              '--config.watch.nll_images=8', '--config.watch.num_samples=0', '--config.watch.poll_seconds=0.5',
-             '--config.watch.timeout=600']
+             '--config.watch.timeout=600', '--config.watch.num_steps=5']   # the default 100 is refused for T = 20
 
 
 def _start_cli(workdir, mode, log_path):

@@ -25,6 +25,7 @@ after config.watch.timeout seconds without a new checkpoint.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -36,11 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from matplotlib import figure as mpl_figure
 
-from ddpm_jax import checkpoint, diffusion as diffusion_lib, evaluate, losses, parallel
+from ddpm_jax import checkpoint, data, diffusion as diffusion_lib, losses, parallel, rng_streams
+from ddpm_jax.evaluation import common, fid as fid_mode, nll, sample as sample_lib
 
-# Stream folded into the seed key for the test loss's t and noise (evaluate's streams are 1-3).
-TEST_LOSS_STREAM = 4
 PAPER_FID_SAMPLES = 50_000
 CURVE_COLUMNS = ('step', 'test_loss', 'nll_bpd', 'nll_bpd_stderr', 'fid_train', 'fid_test', 'inception_score',
                  'fid_proxy', 'fid_note', 'num_samples', 'sampler', 'seconds')
@@ -75,13 +76,12 @@ def test_loss(d, model_fn: Callable, x_start: jax.Array, mask: jax.Array, t: jax
 def make_test_loss_fn(config, apply_fn: Callable, mesh) -> Callable:
     """params (replicated over mesh) -> float: `test_loss` on the first config.watch.loss_batches global batches
     of config.eval.batch_size images of the eval split (data.eval_batches, this host's rows), t and noise
-    `fixed_t_and_noise(fold_in(key(seed), TEST_LOSS_STREAM))`. Used by training and by the watch."""
-    from ddpm_jax import data  # pylint: disable=g-import-not-at-top
+    `fixed_t_and_noise(fold_in(PRNGKey(seed), EVAL_TEST_LOSS))`. Used by training and by the watch."""
     num_batches, batch_size = int(config.watch.loss_batches), int(config.eval.batch_size)
     if num_batches < 1:
         raise ValueError(f'config.watch.loss_batches={num_batches} must be >= 1.')
     parallel.check_global_batch(batch_size, mesh)
-    split = config.eval.split or config.data.eval_split
+    split = common.eval_split(config)
     images, masks = [], []
     for batch_images, batch_mask in data.eval_batches(config, split, batch_size,
                                                       num_images=num_batches * batch_size):
@@ -91,7 +91,7 @@ def make_test_loss_fn(config, apply_fn: Callable, mesh) -> Callable:
     mask = parallel.shard_batch(np.stack(masks), mesh, batch_axis=1)
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.DATA_AXIS))
     d = diffusion_lib.diffusion_from_config(config)
-    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), TEST_LOSS_STREAM)
+    key = common.seed_key(config, rng_streams.EVAL_TEST_LOSS)
     global_shape = (len(images), batch_size) + tuple(images[0].shape[1:])
 
     @jax.jit
@@ -99,7 +99,7 @@ def make_test_loss_fn(config, apply_fn: Callable, mesh) -> Callable:
         t, noise = fixed_t_and_noise(key, d.num_timesteps, global_shape)
         t = jax.lax.with_sharding_constraint(t, sharding)
         noise = jax.lax.with_sharding_constraint(noise, sharding)
-        model_fn = evaluate._constrained_model_fn(apply_fn, params, parallel.data_sharding(mesh))
+        model_fn = common.constrained_model_fn(apply_fn, params, parallel.data_sharding(mesh))
         return test_loss(d, model_fn, x, mask, t, noise)
 
     return lambda params: float(parallel.to_host(loss(params, x, mask)))
@@ -143,7 +143,7 @@ class Scorer:
     def __init__(self, config, workdir: str, out_dir: str):
         self.config, self.workdir, self.out_dir = config, workdir, out_dir
         self.mesh = parallel.make_mesh()
-        self.apply_fn = evaluate.model_apply_fn(config)
+        self.apply_fn = common.model_apply_fn(config)
         self.loss_fn = make_test_loss_fn(config, self.apply_fn, self.mesh)
         self.nll_config = nll_config(config)
         self.fid_proxy, self.fid_label = fid_label(config)
@@ -152,7 +152,7 @@ class Scorer:
             self.fid_skipped = 'FID skipped: config.watch.num_samples=0'
         else:
             try:
-                self.inception = evaluate.load_fid_inception(config)
+                self.inception = fid_mode.load_fid_inception(config)
             except FileNotFoundError as error:
                 self.fid_skipped = f'FID skipped: {error}'
         if self.fid_skipped:
@@ -171,27 +171,27 @@ class Scorer:
         if int(config.watch.nll_images) > 0:
             nll_dir = os.path.join(self.out_dir, 'nll', f'step{step}')
             os.makedirs(nll_dir, exist_ok=True)
-            split = config.eval.split or config.data.eval_split
-            evaluate.nll_batches(self.nll_config, nll_dir, self.apply_fn, params, split)
-            summary = evaluate.summarize_nll(evaluate.load_nll_results(nll_dir))
+            split = common.eval_split(config)
+            nll.nll_batches(self.nll_config, nll_dir, self.apply_fn, params, split)
+            summary = nll.summarize_nll(nll.load_nll_results(nll_dir))
             point.update(nll_bpd=summary['nll_bpd'], nll_bpd_stderr=summary['nll_bpd_stderr'])
             shutil.rmtree(nll_dir, ignore_errors=True)
         if self.inception is not None:
             results = []
-            for repeat_config in evaluate.fid_repeat_configs(sample_config(config)):
+            for repeat_config in fid_mode.fid_repeat_configs(sample_config(config)):
                 samples_dir = os.path.join(self.out_dir, 'samples', f'step{step}_seed{repeat_config.seed}')
                 os.makedirs(samples_dir, exist_ok=True)
-                written = evaluate.generate_samples(repeat_config, samples_dir, self.apply_fn, params)
+                written = sample_lib.generate_samples(repeat_config, samples_dir, self.apply_fn, params)
                 with np.load(written['path']) as archive:
                     samples = archive['samples']
-                evaluate.check_fid_samples(samples, image_shape=evaluate._image_shape(config),
+                fid_mode.check_fid_samples(samples, image_shape=common.image_shape(config),
                                            num_samples=int(config.watch.num_samples), source=written['path'])
-                result = evaluate.fid_of_samples(repeat_config, self.workdir, samples, self.inception)
+                result = fid_mode.fid_of_samples(repeat_config, self.workdir, samples, self.inception)
                 results.append(dict(result, seed=int(repeat_config.seed)))
                 for name in os.listdir(samples_dir):   # the grid stays; the arrays are large
                     if name.endswith('.npz'):
                         os.remove(os.path.join(samples_dir, name))
-            fid = evaluate.summarize_fid_repeats(results)
+            fid = fid_mode.summarize_fid_repeats(results)
             point.update(fid_train=fid['fid_train'], fid_test=fid['fid_test'],
                          inception_score=fid.get('inception_score', math.nan))
         point['seconds'] = time.time() - started
@@ -202,7 +202,6 @@ class Scorer:
 
 def read_curve(out_dir: str) -> list[dict]:
     """The points of out_dir/curve.json (sorted by step), or [] when there is none."""
-    import json  # pylint: disable=g-import-not-at-top
     path = os.path.join(out_dir, 'curve.json')
     if not os.path.isfile(path):
         return []
@@ -215,24 +214,20 @@ def write_curve(out_dir: str, points: list[dict], settings: dict) -> None:
     """Rewrites curve.json ({settings, points}; values not computed are null) and curve.csv (CURVE_COLUMNS; 'nan')
     atomically, then curve.png."""
     strict = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in p.items()} for p in points]
-    evaluate._write_json(os.path.join(out_dir, 'curve.json'), dict(settings=settings, points=strict))
-    csv_path = os.path.join(out_dir, 'curve.csv')
-    evaluate._write_csv(csv_path + '.tmp', list(CURVE_COLUMNS),
-                        [[p.get(c, '') for c in CURVE_COLUMNS] for p in points])
-    os.replace(csv_path + '.tmp', csv_path)
-    plot_curve(os.path.join(out_dir, 'curve.png'), points, title=settings.get('fid_label', ''))
+    common.write_json(os.path.join(out_dir, 'curve.json'), dict(settings=settings, points=strict))
+    common.write_csv(os.path.join(out_dir, 'curve.csv'), list(CURVE_COLUMNS),
+                     [[p.get(c, '') for c in CURVE_COLUMNS] for p in points])
+    plot_curve(os.path.join(out_dir, 'curve.png'), points, title=settings['fid_label'])
 
 
 def plot_curve(path: str, points: list[dict], *, title: str = '') -> None:
-    """PNG with FID (train, test), bits/dim and test loss against training step (matplotlib, Agg)."""
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use('Agg')
-    from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+    """PNG with FID (train, test), bits/dim and test loss against training step (matplotlib), atomically."""
     steps = np.array([p['step'] for p in points], np.float64)
     panels = [('FID', [('fid_train', 'vs train'), ('fid_test', 'vs test')]),
               ('NLL bound (bits/dim)', [('nll_bpd', 'eval subset')]),
               ('test L_simple', [('test_loss', 'fixed t, noise')])]
-    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    figure = mpl_figure.Figure(figsize=(5 * len(panels), 4))
+    axes = figure.subplots(1, len(panels))
     for axis, (ylabel, series) in zip(axes, panels):
         for key, label in series:
             values = np.array([p.get(key, math.nan) for p in points], np.float64)
@@ -249,10 +244,7 @@ def plot_curve(path: str, points: list[dict], *, title: str = '') -> None:
             axis.legend()
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
-    tmp = path + '.tmp.png'
-    figure.savefig(tmp, dpi=100)
-    plt.close(figure)
-    os.replace(tmp, path)
+    common.save_figure(path, figure)
 
 
 def _write_scalars(writer, point: dict) -> None:
@@ -308,8 +300,8 @@ def settings_of(config) -> dict:
                 num_steps=int(watch.num_steps), ddim_eta=float(config.sampling.ddim_eta),
                 nll_images=int(watch.nll_images), loss_batches=int(watch.loss_batches),
                 eval_batch_size=int(config.eval.batch_size), nll_batch_size=int(nll_config(config).eval.batch_size),
-                fid_repeats=int(config.eval.get('fid_repeats', 1)),
-                split=config.eval.split or config.data.eval_split, fid_label=fid_label(config)[1])
+                fid_repeats=int(config.eval.fid_repeats),
+                split=common.eval_split(config), fid_label=fid_label(config)[1])
 
 
 def run(config, workdir: str) -> list[dict]:
@@ -319,7 +311,7 @@ def run(config, workdir: str) -> list[dict]:
     last_step = int(watch.last_step) if int(watch.last_step) >= 0 else int(config.training.num_train_steps)
     out_dir = os.path.join(workdir, 'watch')
     settings = settings_of(config)
-    evaluate._prepare_dir(out_dir, settings)
+    common.output_dir(workdir, 'watch', settings)
     points = read_curve(out_dir)
     done = {p['step'] for p in points}
     if done:
@@ -364,3 +356,6 @@ def run(config, workdir: str) -> list[dict]:
             writer.close()
     logging.info('watch done: %d points in %s', len(points), os.path.join(out_dir, 'curve.csv'))
     return points
+
+
+MODES = {'watch': run}
