@@ -1,7 +1,8 @@
 """Shared base config of every ddpm_jax experiment.
 
 Each experiment file in configs/ starts from `get_config()` here and overrides what differs.
-Values here are the paper's CIFAR-10 settings (SPEC.md section 5) unless a comment says otherwise.
+Values here are the paper's CIFAR-10 settings (paper Sec. 4 and App. B; official scripts/run_cifar.py) unless a
+comment says otherwise.
 """
 import ml_collections
 
@@ -25,7 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
     data.random_flip = True
     data.data_dir = ''                  # TFDS data_dir or image-folder root; '' means the TFDS default
 
-    # U-Net (SPEC.md section 4). out_ch is derived: channels, or 2 * channels for learned variances.
+    # U-Net (paper App. B; official diffusion_tf/models/unet.py). out_ch is derived: channels, or 2 * channels
+    # for learned variances.
     model = config.model = ml_collections.ConfigDict()
     model.ch = 128
     model.ch_mult = (1, 2, 2, 2)
@@ -43,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     model.remat = False
     model.fast_variance = False
 
-    # Diffusion (SPEC.md section 3).
+    # Diffusion (paper Sec. 2-3; official diffusion_tf/diffusion_utils_2.py).
     diffusion = config.diffusion = ml_collections.ConfigDict()
     diffusion.beta_schedule = 'linear'
     diffusion.beta_start = 1e-4

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU run of both benchmarks over the settings of issue 6, plus a profile: about 9 minutes, hard stop at
+# One GPU run of both benchmarks over the settings of the GPU speed targets, plus a profile: about 9 minutes, hard stop at
 # TOTAL_S (560 s).
 #
 # Prepare once, on a machine with PyPI access, in the repository root (.whl/ is git-ignored). The device
