@@ -20,35 +20,13 @@ def get_config():
     data = config.data
     data.name = 'celeb_a_hq'
     data.tfds_name = 'celeb_a_hq/256'
-    data.train_split = 'train'
-    data.eval_split = 'train'
+    data.eval_split = 'train'            # CelebA-HQ has one split
     data.image_size = 256
-    data.channels = 3
-    data.random_flip = True
 
-    model = config.model
-    model.ch = 128
-    model.ch_mult = (1, 1, 2, 2, 4, 4)
-    model.num_res_blocks = 2
-    model.attn_resolutions = (16,)
-    model.dropout = 0.0
-
-    diffusion = config.diffusion
-    diffusion.beta_schedule = 'linear'
-    diffusion.beta_start = 1e-4
-    diffusion.beta_end = 0.02
-    diffusion.num_diffusion_timesteps = 1000
-    diffusion.model_mean_type = 'eps'
-    diffusion.model_var_type = 'fixedsmall'
-    diffusion.loss_type = 'mse'
-
-    optim = config.optim
-    optim.lr = 2e-5
-    optim.warmup_steps = 5000
-    optim.grad_clip = 1.0
-    optim.ema_decay = 0.9999
-    optim.ema_warmup = False        # official: no warm-up
-
+    config.model.ch_mult = (1, 1, 2, 2, 4, 4)
+    config.model.dropout = 0.0
+    config.diffusion.model_var_type = 'fixedsmall'
+    config.optim.lr = 2e-5
     config.training.batch_size = 64
     config.training.num_train_steps = 500_000
     return config

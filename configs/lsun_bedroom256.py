@@ -21,8 +21,6 @@ def get_config():
     data = config.data
     data.name = 'lsun/bedroom'
     data.tfds_name = 'lsun/bedroom'
-    data.train_split = 'train'
-    data.eval_split = 'train'
     data.random_flip = False
     config.training.num_train_steps = 2_400_000
     return config

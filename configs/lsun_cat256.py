@@ -22,8 +22,6 @@ def get_config():
     data = config.data
     data.name = 'lsun/cat'
     data.tfds_name = 'lsun/cat'
-    data.train_split = 'train'
-    data.eval_split = 'train'
     data.random_flip = False
     config.training.num_train_steps = 1_800_000
     return config

@@ -20,8 +20,5 @@ def get_config():
     data = config.data
     data.name = 'lsun/church'
     data.tfds_name = 'lsun/church_outdoor'
-    data.train_split = 'train'
-    data.eval_split = 'train'
-    data.random_flip = True
     config.training.num_train_steps = 1_200_000
     return config

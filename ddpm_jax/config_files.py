@@ -2,7 +2,9 @@
 
 The experiment files of configs/ are also installed with the package (as ddpm_jax/configs/), so that after a
 plain `pip install` they are named `--config=ddpm_jax:cifar10` (`resolve_config_path`); main.py and convert.py
-rewrite that form into the installed file's path before the flags are parsed.
+rewrite that form into the installed file's path before the flags are parsed. A variant after a second colon
+travels with it (`ddpm_jax:digits:tiny` -> `<path>/digits.py:tiny`): as with ml_collections' config_flags, the text
+after the file's ':' is passed to `get_config(variant)`.
 
 Config files are plain Python files with a `get_config()` returning an `ml_collections.ConfigDict`;
 they are not a package, so one config builds on another by loading it by path:
@@ -33,18 +35,18 @@ def packaged_configs_dir() -> str:
 
 
 def resolve_config_path(value: str) -> str:
-    """'ddpm_jax:NAME' (NAME or NAME.py of the packaged configs, e.g. 'ddpm_jax:cifar10') -> that file's path;
-    anything else is returned unchanged (a path, as `--config` takes)."""
+    """'ddpm_jax:NAME[:VARIANT]' (NAME or NAME.py of the packaged configs, e.g. 'ddpm_jax:cifar10') -> that file's
+    path (with ':VARIANT' kept); anything else is returned unchanged (a path, as `--config` takes)."""
     if not value.startswith(PACKAGED_PREFIX):
         return value
-    name = value[len(PACKAGED_PREFIX):]
+    name, colon, variant = value[len(PACKAGED_PREFIX):].partition(':')
     folder = packaged_configs_dir()
     path = os.path.join(folder, name if name.endswith('.py') else name + '.py')
     if not os.path.isfile(path):
         available = sorted(f'{PACKAGED_PREFIX}{f[:-3]}' for f in os.listdir(folder) if f.endswith('.py')
                            and not f.startswith('_'))
         raise FileNotFoundError(f'--config={value}: no such packaged config; available: {", ".join(available)}')
-    return path
+    return path + colon + variant
 
 
 def resolve_config_argv(argv: Sequence[str]) -> list:
@@ -59,7 +61,9 @@ def resolve_config_argv(argv: Sequence[str]) -> list:
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
-    """`get_config()` of the config file at `path` (a fresh ConfigDict on every call)."""
+    """`get_config()` of the config file at `path` (a fresh ConfigDict on every call); 'FILE.py:VARIANT' calls
+    `get_config('VARIANT')`, as `--config=FILE.py:VARIANT` does (e.g. 'configs/digits.py:tiny')."""
+    path, colon, variant = path.rpartition(':') if '.py:' in path else (path, '', '')
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isfile(path):
         raise FileNotFoundError(f'config file {path} does not exist')
@@ -67,7 +71,7 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(variant) if colon else module.get_config()
 
 
 def load_sibling_config(this_file: str, file_name: str) -> ml_collections.ConfigDict:

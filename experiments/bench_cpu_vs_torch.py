@@ -194,9 +194,7 @@ class JaxWorker:
         self.jax, self.parallel, self.train = jax, parallel, train
         compile_cache.enable(args['compile_cache_dir'])
         self.config = config_files.load_config_file(os.path.join(REPO_ROOT, 'configs', 'cifar10.py'))
-        for key, value in args['set'].items():
-            section, leaf = key.split('.')
-            self.config[section][leaf] = value
+        self.config.update_from_flattened_dict(args['set'])
         self.model = unet.create_model(self.config)
         with np.load(args['weights']) as weights:
             state_dict = dict(weights)

@@ -47,7 +47,7 @@ def child(config_path: str, overrides: dict, cache_dir: str, spawned_at: float) 
     from experiments import bench_train  # pylint: disable=g-import-not-at-top
     marks['imports'] = time.time() - spawned_at
     config = config_files.load_config_file(os.path.join(REPO_ROOT, config_path))
-    bench_train.apply_overrides(config, overrides)
+    config.update_from_flattened_dict(overrides)
     compile_cache.enable(cache_dir)
     mesh = parallel.make_mesh()
     train.create_train_state(config, mesh, abstract=True)

@@ -88,13 +88,18 @@ def load_config(path: str, overrides: list[str]):
         raise FileNotFoundError(f'config file {path!r} not found; pass e.g. --config=configs/cifar10.py')
     config = config_files.load_config_file(path)
     parsed = parse_overrides(overrides)
-    apply_overrides(config, parsed)
+    try:
+        config.update_from_flattened_dict(parsed)   # ml_collections sets the dotted keys (lists become tuples)
+    except KeyError as error:
+        raise ValueError(f'--set: {error.args[0]} Top-level keys: {list(config)}') from None
     compile_cache.enable(config.get('compile_cache_dir', ''))
     return config, parsed
 
 
 def parse_overrides(overrides: list[str]) -> dict:
-    """`key.sub=value` strings -> {key: value}: values parsed as Python literals, anything else kept as a string."""
+    """`key.sub=value` strings -> {key: value}: values parsed as Python literals, anything else kept as a string
+    (so `--set model.attention=cudnn` and `--set "model.attention='cudnn'"` are the same); ml_collections'
+    ConfigDict.update_from_flattened_dict then applies them (`load_config`)."""
     parsed = {}
     for item in overrides:
         if '=' not in item:
@@ -124,18 +129,6 @@ def settings_label(overrides: dict, *, xla_flags: str = '', feed: str = 'host', 
     if not donate_state:
         parts.append('no donation')
     return ', '.join(parts) or 'default'
-
-
-def apply_overrides(config, overrides: dict) -> None:
-    """Sets dotted keys ('model.ch') of config in place; ValueError names an unknown section."""
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split('.')
-        for parent in parents:
-            if parent not in node:
-                raise ValueError(f'unknown config section {parent!r} in override {key!r}; sections: {list(node)}')
-            node = node[parent]
-        node[leaf] = tuple(value) if isinstance(value, list) else value
 
 
 def parse_list(text: str, kind: Callable, name: str, allowed: Optional[tuple] = None) -> list:

@@ -66,14 +66,6 @@ TABLE_COLUMNS = [('config', 'config'), ('device', 'device'), ('devices', 'device
                  ('num_samples', 'N'), ('fid_proxy', 'proxy')]
 
 
-def _set(config, dotted: str, value) -> None:
-    node = config
-    *parents, leaf = dotted.split('.')
-    for parent in parents:
-        node = node[parent]
-    node[leaf] = value
-
-
 def _format(value) -> str:
     if value is None:   # not computed (e.g. FID without the Inception weights)
         return 'n/a'
@@ -143,8 +135,7 @@ def main(argv) -> None:
         raise app.UsageError('--workdir is required')
     config = _CONFIG.value
     if _SMOKE.value:
-        for key, value in SMOKE_OVERRIDES.items():
-            _set(config, key, value)
+        config.update_from_flattened_dict(SMOKE_OVERRIDES)
     if _DATA_DIR.value is not None:
         config.data.data_dir = _DATA_DIR.value
     if _STEPS.value is not None:

@@ -12,7 +12,6 @@ sampling.ode_rtol / ode_atol, 1e-5 by default); then the test-split bits/dim of 
 `--set diffusion.num_diffusion_timesteps=20 --set model.ch=32` for a quick run of a small checkpoint.
 """
 import argparse
-import ast
 import json
 import os
 import sys
@@ -26,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ddpm_jax import config_files, image_grid  # pylint: disable=wrong-import-position
 from ddpm_jax.evaluation import nll as nll_mode  # pylint: disable=wrong-import-position
 from ddpm_jax.evaluation import sample as sample_mode  # pylint: disable=wrong-import-position
+from experiments import bench_train  # pylint: disable=wrong-import-position  (--set parsing)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,17 +44,7 @@ def samplers_to_run(few_steps):
 
 def _config(args):
     config = config_files.load_config_file(os.path.join(REPO_ROOT, args.config))
-    for item in args.set:
-        key, text = item.split('=', 1)
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        node = config
-        *parents, leaf = key.split('.')
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
+    config.update_from_flattened_dict(bench_train.parse_overrides(args.set))
     config.sampling.num_samples = args.num_samples
     config.sampling.batch_size = args.batch_size
     config.eval.batch_size = args.batch_size

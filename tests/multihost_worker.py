@@ -25,35 +25,10 @@ from ddpm_jax import config_files  # pylint: disable=wrong-import-position
 
 
 def tiny_config(**overrides):
-    """configs/digits.py shrunk for tests: a 1-level U-Net (ch 32), 8x8 digits, T = 20, batch 8, 2 steps.
-
-    overrides: dotted config keys ('training.num_train_steps') -> values.
-    """
-    config = config_files.load_config_file(os.path.join(REPO_ROOT, 'configs', 'digits.py'))
-    config.model.ch = 32
-    config.model.ch_mult = (1,)
-    config.model.num_res_blocks = 1
-    config.model.attn_resolutions = ()
-    config.model.dropout = 0.0
-    config.diffusion.num_diffusion_timesteps = 20
-    # A small lr keeps the 1e-6 comparisons meaningful: Adam divides by |grad| + eps, so the float32
-    # rounding of a near-zero gradient element moves its update by a fraction of lr.
-    config.optim.lr = 1e-4
-    config.optim.warmup_steps = 2
-    config.optim.ema_decay = 0.75
-    config.optim.ema_warmup = False     # the official EMA rule (digits.py turns the warm-up on)
-    config.training.batch_size = 8
-    config.training.num_train_steps = 2
-    config.training.log_every_steps = 1
-    config.training.checkpoint_every_steps = 1000
-    config.training.sample_every_steps = 1000
-    config.training.num_grid_samples = 0
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split('.')
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = tuple(value) if isinstance(value, list) else value
+    """configs/digits.py:tiny (a 1-level U-Net (ch 32), 8x8 digits, T = 20, batch 8, 2 steps) with `overrides`
+    (dotted config keys such as 'training.num_train_steps' -> values) applied by ml_collections."""
+    config = config_files.load_config_file(os.path.join(REPO_ROOT, 'configs', 'digits.py:tiny'))
+    config.update_from_flattened_dict(overrides)
     return config
 
 

@@ -125,3 +125,63 @@ def test_wheel_contains_the_configs(tmp_path):
     for file_name in ('default.py', 'digits.py', *EXPECTED):
         assert f'ddpm_jax/configs/{file_name}' in names
     assert 'ddpm_jax/models/unet.py' in names and 'ddpm_jax/progress.py' in names
+
+
+def _assignments(path, function_name):
+    """{'section.key': value} of the literal assignments in the body of `function_name` of the config file at
+    `path`: `config.a.b = v`, or `a.b = v` after `a = config.a`. Read from the source, so a value restated
+    equal to its base is seen even though loading cannot tell it apart."""
+    import ast
+    tree = ast.parse(open(path).read())
+    function = next(node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.name == function_name)
+    aliases, values = {'config': ''}, {}
+    for node in ast.walk(function):
+        if not isinstance(node, ast.Assign) or len(node.targets) != 1:
+            continue
+        target = ast.unparse(node.targets[0])
+        if isinstance(node.targets[0], ast.Name) and ast.unparse(node.value).startswith('config.'):
+            aliases[target] = ast.unparse(node.value)[len('config.'):] + '.'
+        elif isinstance(node.targets[0], ast.Attribute):
+            alias, _, rest = target.partition('.')
+            values[aliases[alias] + rest] = ast.literal_eval(node.value)
+    return values
+
+
+def _value(config, dotted_key):
+    for part in dotted_key.split('.'):
+        config = config[part]
+    return config
+
+
+# Every config file, its base (what it loads) and, for a variant, the function that sets it.
+_DERIVED = [(file_name, base, 'get_config', '') for file_name, base in [
+    ('cifar10.py', 'default.py'), ('celebahq256.py', 'default.py'), ('digits.py', 'default.py'),
+    ('lsun_church256.py', 'celebahq256.py'), ('lsun_bedroom256.py', 'celebahq256.py'),
+    ('lsun_cat256.py', 'celebahq256.py'), ('lsun_bedroom256_large.py', 'lsun_bedroom256.py')]] + [
+    ('digits.py', 'digits.py', '_shrink_to_tiny', 'tiny')]
+
+
+@pytest.mark.parametrize('file_name,base_name,function_name,variant', _DERIVED)
+def test_configs_set_only_what_differs_from_their_base(file_name, base_name, function_name, variant):
+    from ddpm_jax import config_files
+    path = os.path.join(CONFIGS_DIR, file_name)
+    assert f"load_sibling_config(__file__, '{base_name}')" in open(path).read() or variant
+    base = config_files.load_config_file(os.path.join(CONFIGS_DIR, base_name))
+    config = config_files.load_config_file(path + (f':{variant}' if variant else ''))
+    values = _assignments(path, function_name)
+    assert file_name == 'cifar10.py' or values   # the parser found the assignments (cifar10 is the default)
+    for key, value in values.items():
+        assert _value(config, key) == value, key
+        assert _value(base, key) != value, f'{file_name}{":" + variant if variant else ""} restates {key}={value!r}'
+
+
+def test_tiny_variant_loads_by_path_and_packaged_name():
+    from ddpm_jax import config_files
+    tiny = _load_with_config_flags(os.path.join(CONFIGS_DIR, 'digits.py:tiny'), '--config.training.batch_size=16')
+    assert (tiny.model.ch, tiny.model.ch_mult, tiny.diffusion.num_diffusion_timesteps) == (32, (1,), 20)
+    assert tiny.training.batch_size == 16
+    packaged = config_files.resolve_config_path('ddpm_jax:digits:tiny')
+    assert packaged == os.path.join(config_files.packaged_configs_dir(), 'digits.py') + ':tiny'
+    assert config_files.load_config_file(packaged).to_dict() == _load_with_config_flags(packaged).to_dict()
+    with pytest.raises(ValueError, match='unknown variant; use configs/digits.py or configs/digits.py:tiny'):
+        config_files.load_config_file(os.path.join(CONFIGS_DIR, 'digits.py:huge'))

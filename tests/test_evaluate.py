@@ -10,10 +10,11 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import multihost_worker
 import pytest
 import subprocess_helpers
 
-from ddpm_jax import checkpoint, config_files, data, diffusion, evaluation, likelihood, parallel, rng_streams, samplers
+from ddpm_jax import checkpoint, data, diffusion, evaluation, likelihood, parallel, rng_streams, samplers
 from ddpm_jax import train
 from ddpm_jax.evaluation import common
 from ddpm_jax.evaluation import fid as fid_mode
@@ -30,23 +31,11 @@ BATCH = 4
 
 
 def _tiny_config():
-    config = config_files.load_config_file(os.path.join(REPO_ROOT, 'configs', 'default.py'))
-    config.data.name = 'digits'
-    config.data.image_size = 8
-    config.data.channels = 1
-    config.model.ch = 32
-    config.model.ch_mult = (1,)
-    config.model.num_res_blocks = 1
-    config.model.attn_resolutions = ()
-    config.model.dropout = 0.0
-    config.diffusion.num_diffusion_timesteps = T
-    config.diffusion.beta_start = 1e-3
-    config.diffusion.beta_end = 0.2
-    config.sampling.num_samples = 10
-    config.sampling.batch_size = BATCH
-    config.eval.batch_size = BATCH
-    config.eval.num_images = NUM_IMAGES
-    return config
+    """configs/digits.py:tiny with T = 10 (linear betas 1e-3..0.2) and small sampling / evaluation sets."""
+    return multihost_worker.tiny_config(**{
+        'diffusion.num_diffusion_timesteps': T, 'diffusion.beta_start': 1e-3, 'diffusion.beta_end': 0.2,
+        'sampling.num_samples': 10, 'sampling.batch_size': BATCH, 'eval.batch_size': BATCH,
+        'eval.num_images': NUM_IMAGES})
 
 
 def _random_params(config):

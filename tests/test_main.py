@@ -14,17 +14,19 @@ import subprocess_helpers
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# configs/digits.py shrunk to a few seconds of compute: a 1-level U-Net on 8x8 digits, T = 20.
-_TINY = ['--config.model.ch=32', '--config.model.ch_mult=(1,)', '--config.model.num_res_blocks=1',
-         '--config.diffusion.num_diffusion_timesteps=20', '--config.training.batch_size=16',
-         '--config.optim.warmup_steps=5', '--config.optim.lr=2e-3']
+# configs/digits.py:tiny (a 1-level U-Net on 8x8 digits, T = 20) with the optimiser, batch and cadences of a
+# short CLI run: the digits run's EMA and grids, lr 2e-3 over 5 warm-up steps, batch 16.
+_TINY = ['--config=configs/digits.py:tiny', '--config.training.batch_size=16', '--config.optim.warmup_steps=5',
+         '--config.optim.lr=2e-3', '--config.optim.ema_decay=0.999', '--config.optim.ema_warmup=True',
+         '--config.training.num_train_steps=3000', '--config.training.log_every_steps=100',
+         '--config.training.sample_every_steps=1500', '--config.training.num_grid_samples=64']
 
 
 def _cli_command(workdir, *flags, num_devices=4):
     """(argv, env) of `python -m ddpm_jax.main` on the tiny digits config."""
     env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={num_devices}',
                PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get('PYTHONPATH', '')]))
-    return [sys.executable, '-m', 'ddpm_jax.main', '--config=configs/digits.py', f'--workdir={workdir}', *_TINY,
+    return [sys.executable, '-m', 'ddpm_jax.main', f'--workdir={workdir}', *_TINY,
             *flags], env
 
 

@@ -17,10 +17,11 @@ import sys
 import jax
 import jax.numpy as jnp
 import ml_collections
+import multihost_worker
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpoint, config_files, diffusion, samplers, score
+from ddpm_jax import checkpoint, diffusion, samplers, score
 from ddpm_jax.evaluation import nll as nll_mode, sample as sample_mode
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -373,12 +374,8 @@ def test_ddpm_reverse_mean_is_a_langevin_step_up_to_beta_squared():
 # ----------------------------------------------------------------------------------------------- CLI paths
 
 def _tiny_digits_config():
-    """configs/digits.py with a 1-level U-Net (ch 32) and T = 20: the settings of the CLI flags below."""
-    config = config_files.load_config_file(os.path.join(REPO_ROOT, 'configs', 'digits.py'))
-    config.model.ch, config.model.ch_mult, config.model.num_res_blocks = 32, (1,), 1
-    config.diffusion.num_diffusion_timesteps = 20
-    config.sampling.num_samples = config.sampling.batch_size = 4
-    return config
+    """configs/digits.py:tiny (a 1-level U-Net (ch 32), T = 20): the config of the CLI runs below."""
+    return multihost_worker.tiny_config(**{'sampling.num_samples': 4, 'sampling.batch_size': 4})
 
 
 @pytest.fixture(scope='module')
@@ -420,12 +417,11 @@ def test_sample_mode_runs_the_score_samplers_with_tagged_folders_and_nfe(tiny_ru
 def test_cli_eval_ode_likelihood_end_to_end_and_resume(tiny_run):
     _, workdir = tiny_run
     flags = ['--mode=eval', '--config.eval.likelihood=ode', '--config.eval.num_images=6', '--config.eval.batch_size=4',
-             '--config.sampling.ode_rtol=1e-3', '--config.sampling.ode_atol=1e-3', '--config.model.ch=32',
-             '--config.model.ch_mult=(1,)', '--config.model.num_res_blocks=1',
-             '--config.diffusion.num_diffusion_timesteps=20']
+             '--config.sampling.ode_rtol=1e-3', '--config.sampling.ode_atol=1e-3']
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
                PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get('PYTHONPATH', '')]))
-    command = [sys.executable, '-m', 'ddpm_jax.main', '--config=configs/digits.py', f'--workdir={workdir}', *flags]
+    command = [sys.executable, '-m', 'ddpm_jax.main', '--config=configs/digits.py:tiny', f'--workdir={workdir}',
+               *flags]
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
                             check=False)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -216,12 +216,13 @@ def _same(a, b):
 
 # ----------------------------------------------------------------------------------------------- two processes
 
-# configs/digits.py shrunk: 1-level U-Net (ch 32), T = 20, one device; a checkpoint and a test loss every 10 steps.
-_TINY_RUN = ['--config.model.ch=32', '--config.model.ch_mult=(1,)', '--config.model.num_res_blocks=1',
-             '--config.diffusion.num_diffusion_timesteps=20', '--config.training.batch_size=16',
-             '--config.optim.warmup_steps=5', '--config.optim.lr=2e-3', '--config.training.num_train_steps=20',
-             '--config.training.checkpoint_every_steps=10', '--config.training.eval_every_steps=10',
-             '--config.training.log_every_steps=10', '--config.training.num_grid_samples=0',
+# configs/digits.py:tiny (1-level U-Net (ch 32), T = 20) run on one device with the digits run's EMA: a checkpoint
+# and a test loss every 10 steps.
+_TINY_RUN = ['--config=configs/digits.py:tiny', '--config.training.batch_size=16', '--config.optim.warmup_steps=5',
+             '--config.optim.lr=2e-3', '--config.optim.ema_decay=0.999', '--config.optim.ema_warmup=True',
+             '--config.training.num_train_steps=20', '--config.training.checkpoint_every_steps=10',
+             '--config.training.eval_every_steps=10', '--config.training.log_every_steps=10',
+             '--config.training.sample_every_steps=1500', '--config.training.num_grid_samples=0',
              '--config.training.keep_latest=5', '--config.eval.batch_size=16', '--config.watch.loss_batches=1',
              '--config.watch.nll_images=8', '--config.watch.num_samples=0', '--config.watch.poll_seconds=0.5',
              '--config.watch.timeout=600', '--config.watch.num_steps=5']   # the default 100 is refused for T = 20
@@ -231,8 +232,8 @@ def _start_cli(workdir, mode, log_path):
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
                PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get('PYTHONPATH', '')]))
     with open(log_path, 'w') as log:
-        return subprocess.Popen([sys.executable, '-m', 'ddpm_jax.main', '--config=configs/digits.py',
-                                 f'--workdir={workdir}', f'--mode={mode}', *_TINY_RUN], cwd=REPO_ROOT, env=env,
+        return subprocess.Popen([sys.executable, '-m', 'ddpm_jax.main', f'--workdir={workdir}', f'--mode={mode}',
+                                 *_TINY_RUN], cwd=REPO_ROOT, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
 
 
