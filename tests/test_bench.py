@@ -62,6 +62,7 @@ def smoke_runs(tmp_path_factory):
         subprocess_helpers.kill_groups(list(processes.values()))
 
 
+@pytest.mark.slow
 def test_train_smoke_writes_rows_with_positive_throughput(smoke_runs):
     output, result = smoke_runs['train']
     assert TABLE_HEADER in output and 'cifar10_smoke' in output
@@ -90,6 +91,7 @@ def test_train_smoke_writes_rows_with_positive_throughput(smoke_runs):
     assert search['largest_fit'] == 8 and search['resolved'] and search['probes'] == []
 
 
+@pytest.mark.slow
 def test_sample_smoke_counts_one_network_evaluation_per_step(smoke_runs):
     output, result = smoke_runs['sample']
     assert TABLE_HEADER in output and 'img-steps/s' in output
@@ -102,6 +104,7 @@ def test_sample_smoke_counts_one_network_evaluation_per_step(smoke_runs):
     assert row['step_ms_median'] == pytest.approx(1e3 * row['call_s_median'] / 5, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_summarize_prints_one_table_with_the_settings_of_every_row(smoke_runs, tmp_path, capsys):
     paths = []
     for name, (_, result) in smoke_runs.items():

@@ -71,6 +71,7 @@ def test_resolve_dir(monkeypatch, tmp_path):
     assert compile_cache.resolve_dir('') is None                       # ... but '' still turns the cache off
 
 
+@pytest.mark.slow
 def test_second_process_loads_everything_and_computes_the_same(tmp_path):
     """Two concurrent cold processes share an empty cache (the second finds it through the environment variable,
     which overrides the default directory); a third compiles nothing; a fourth with '' uses no cache; all four

@@ -274,6 +274,7 @@ def test_tf_reader_names_the_missing_package(monkeypatch):
         convert.read_tf_checkpoint('/nonexistent/model.ckpt-790000')
 
 
+@pytest.mark.slow
 def test_cli_converts_safetensors_into_a_restorable_checkpoint(tmp_path):
     safetensors_numpy = pytest.importorskip('safetensors.numpy')
     from ddpm_jax.checkpoint import restore_ema_params

@@ -240,6 +240,7 @@ print(json.dumps(nll_mode.run(config, sys.argv[1])['nll_bpd']))
 '''
 
 
+@pytest.mark.slow
 def test_two_devices_give_the_same_samples_and_nll(run, tmp_path):
     import sys
     config, workdir, _ = run

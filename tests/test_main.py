@@ -35,6 +35,7 @@ def _run_cli(workdir, *flags, num_devices=4):
     return subprocess_helpers.run(command, cwd=REPO_ROOT, env=env)
 
 
+@pytest.mark.slow
 def test_digits_trains_end_to_end_on_four_devices(tmp_path):
     workdir = tmp_path / 'run'
     result = _run_cli(workdir, '--config.training.num_train_steps=80', '--config.training.log_every_steps=10',
@@ -82,6 +83,7 @@ _BAD_VALUES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode,flags,expected', _BAD_VALUES, ids=[' '.join(f) for _, f, _ in _BAD_VALUES])
 def test_cli_refuses_bad_config_values_before_creating_anything(tmp_path, mode, flags, expected):
     workdir = tmp_path / 'run'
@@ -91,6 +93,7 @@ def test_cli_refuses_bad_config_values_before_creating_anything(tmp_path, mode, 
     assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_user_errors_print_one_line_and_log_the_traceback(tmp_path):
     """A workdir that only holds quarantined checkpoints: the refusal is one line naming --restart_from_scratch
     (no traceback on the console; it goes to workdir/errors.log), exit code 1; --verbose shows the traceback."""
@@ -107,6 +110,7 @@ def test_user_errors_print_one_line_and_log_the_traceback(tmp_path):
     assert verbose.returncode == 1 and 'Traceback' in verbose.stderr
 
 
+@pytest.mark.slow
 def test_sigint_saves_and_exits_130(tmp_path):
     """Ctrl-C (SIGINT) during training saves a checkpoint and exits 130, not 0 (it was once swallowed and the
     run went on to the end)."""

@@ -309,6 +309,7 @@ def test_ode_heun_converges_at_second_order_with_the_stated_nfe():
     assert all(3.0 < e1 / e2 < 5.0 for e1, e2 in zip(errors, errors[1:]))
 
 
+@pytest.mark.slow
 def test_ode_log_likelihood_equals_the_gaussian_log_density():
     a_flow, b_flow = _ode_affine_map(score.LIKELIHOOD_EPS, 1.0)
     with jax.enable_x64(True):
@@ -414,6 +415,7 @@ def test_sample_mode_runs_the_score_samplers_with_tagged_folders_and_nfe(tiny_ru
     assert sample_mode.samples_dir(config, workdir, 3) != out_dir
 
 
+@pytest.mark.slow
 def test_cli_eval_ode_likelihood_end_to_end_and_resume(tiny_run):
     _, workdir = tiny_run
     flags = ['--mode=eval', '--config.eval.likelihood=ode', '--config.eval.num_images=6', '--config.eval.batch_size=4',

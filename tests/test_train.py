@@ -66,6 +66,7 @@ def test_first_step_has_zero_lr_and_ema_follows_official_decay():
     assert np.isfinite(float(metrics1['loss'][0])) and float(metrics1['grad_norm'][0]) > 0
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_identical(tmp_path):
     """2N steps in one run == N steps, a restart from the checkpoint, and N more (params, EMA, Adam)."""
     overrides = {'training.checkpoint_every_steps': 2}
@@ -116,6 +117,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert step == 2 and all(np.isfinite(leaf).all() for leaf in _leaves(params))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_stops_cleanly(tmp_path, monkeypatch):
     real_batches = data.train_batches
 
@@ -154,6 +156,7 @@ def test_workdir_whose_checkpoints_were_all_quarantined_is_not_restarted_silentl
     assert int(resumed.step) == 3
 
 
+@pytest.mark.slow
 def test_second_trainer_exits_at_once_and_a_stale_lock_is_taken_over(tmp_path, caplog):
     """A live holder of the workdir lock (another process) makes train() fail at once, naming its pid and host;
     after that holder is SIGKILLed, train() takes the lock over with a warning naming the dead holder."""
@@ -292,6 +295,7 @@ def _assert_close(reference, other, atol):
         np.testing.assert_allclose(other[key], reference[key], rtol=0, atol=atol, err_msg=key)
 
 
+@pytest.mark.slow
 def test_one_device_equals_four_devices(tmp_path, four_device_run):
     assert int(four_device_run['device_count']) == 4 and jax.device_count() == 1
     state = train.train(multihost_worker.tiny_config(**_EQUIVALENCE), str(tmp_path))
@@ -302,6 +306,7 @@ def test_one_device_equals_four_devices(tmp_path, four_device_run):
     _assert_close(one, four_device_run, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path, four_device_run):
     started = _start_two_processes(tmp_path, 'multi', tmp_path / 'multi', _EQUIVALENCE)
     try:
@@ -349,6 +354,7 @@ def _read_steps(path):
     return {i: json.loads(open(f'{path}.{i}').read()) for i in range(2)}
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_exactly(tmp_path):
     """SIGTERM to process 1 only: JAX's preemption notifier (installed by jax.distributed.initialize)
     tells process 0 through the coordination service; both stop at the same sync step, write one complete

@@ -160,6 +160,7 @@ def _watch_config():
     return config
 
 
+@pytest.mark.slow
 def test_watch_scores_skips_scored_and_removed_checkpoints_and_equals_the_modes(tmp_path, monkeypatch, caplog):
     config = _watch_config()
     workdir = str(tmp_path / 'run')
@@ -237,6 +238,7 @@ def _start_cli(workdir, mode, log_path):
                                 stdout=log, stderr=subprocess.STDOUT)
 
 
+@pytest.mark.slow
 def test_watch_follows_a_concurrent_training_run_and_matches_its_test_loss(tmp_path):
     workdir = tmp_path / 'run'
     logs = {name: tmp_path / f'{name}.log' for name in ('watch', 'train')}
@@ -267,6 +269,7 @@ def test_watch_follows_a_concurrent_training_run_and_matches_its_test_loss(tmp_p
     assert 'FID skipped: config.watch.num_samples=0' in logs['watch'].read_text()
 
 
+@pytest.mark.slow
 def test_quality_per_compute_smoke_and_summarize(tmp_path):
     env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
                PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get('PYTHONPATH', '')]))
