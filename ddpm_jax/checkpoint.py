@@ -12,17 +12,14 @@ mismatch, missing or truncated files, undecodable metadata) is moved to `workdir
 a warning and the previous one is used; when none is good, restoring raises an error instead of starting
 over. A read that fails with an I/O error (EIO, a timeout, a permission error) says nothing about the bytes:
 it is retried after `RETRY_WAITS_S` and then stops with `CheckpointIOError`, the checkpoint left in place.
+The retries, the quarantine and the other failure handling are in `ddpm_jax.checkpoint_recovery`.
 """
 import hashlib
 import json
-import logging as python_logging
 import os
-import re
-import shutil
 import threading
-import time
 from importlib import metadata
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +28,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
-from jax.experimental import multihost_utils
 
-from ddpm_jax import optim, parallel
+from ddpm_jax import checkpoint_recovery, optim, parallel
 from ddpm_jax.errors import UserError
 from ddpm_jax.models import params as params_lib, unet
 
@@ -54,31 +50,10 @@ _COMPUTE_SWITCHES = ('model.dtype', 'model.attention', 'model.remat', 'model.fas
 _FIXED_VAR_TYPES = ('fixedsmall', 'fixedlarge')
 
 
-# Seconds to wait before each retry of a checkpoint read that failed with a transient I/O error.
-RETRY_WAITS_S = (1.0, 4.0, 15.0)
-# Text of tensorstore errors (they arrive as ValueError) that report I/O trouble rather than damaged bytes.
-_TRANSIENT_MARKERS = ('UNAVAILABLE', 'DEADLINE_EXCEEDED', 'Input/output error', 'timed out', 'Connection reset')
-
-
-class _DropAbandonedTensorstoreReads(python_logging.Filter):
-    """Drops asyncio's "Future/Task exception was never retrieved" records of tensorstore reads that orbax abandons
-    after the first failure of a restore: each repeats that failure (already reported, summarised) with
-    TensorStore's JSON specs, kilobytes of text."""
-
-    def filter(self, record: python_logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not ('exception was never retrieved' in message and 'tensorstore_spec' in message)
-
-
-python_logging.getLogger('asyncio').addFilter(_DropAbandonedTensorstoreReads())
-
 
 class CorruptCheckpointError(UserError, RuntimeError):
     """A checkpoint with evidence of damage: files missing, truncated or undecodable, or a checksum mismatch."""
 
-
-class CheckpointIOError(UserError, RuntimeError):
-    """A checkpoint that could not be read because of I/O errors that outlasted the retries; it is left in place."""
 
 
 class CheckpointNotFoundError(UserError, FileNotFoundError):
@@ -273,67 +248,18 @@ def _abstract(tree: Any, sharding: Optional[jax.sharding.Sharding]) -> Any:
     return jax.tree.map(leaf, tree)
 
 
-def error_chain(error: BaseException):
-    """The error, then its causes (__cause__, else __context__), outermost first."""
-    while error is not None:
-        yield error
-        error = error.__cause__ or error.__context__
-
-
-def is_transient(error: BaseException) -> bool:
-    """Whether a failed read is I/O trouble that says nothing about the checkpoint's bytes.
-
-    True for OSErrors (EIO, timeouts, permissions, a stale network handle) other than a missing path, and for
-    tensorstore errors reporting an I/O error or unavailability; False for everything else (missing or
-    truncated files, undecodable data), which is evidence of damage.
-    """
-    for link in error_chain(error):
-        if isinstance(link, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
-            return False
-        if isinstance(link, OSError) or any(marker in str(link) for marker in _TRANSIENT_MARKERS):
-            return True
-    return False
-
-
-def summarize_error(error: BaseException, limit: int = 400) -> str:
-    """'Type: message' on one line, with TensorStore's JSON specs (kilobytes each) left out."""
-    text = re.sub(r"\s*\[tensorstore_spec(\[\d+\])?='[^']*'\]", '', str(error))
-    text = ' '.join(text.split())
-    if len(text) > limit:
-        text = text[:limit] + ' ...'
-    return f'{type(error).__name__}: {text}'
-
-
-def _read_with_retries(read: Callable[[], Any], step: int, directory: str) -> Any:
-    """read(), retried after each of RETRY_WAITS_S while it fails with a transient error (`is_transient`);
-    CheckpointIOError when the retries are spent. Other errors propagate at once."""
-    for attempt, wait in enumerate((*RETRY_WAITS_S, None), start=1):
-        try:
-            return read()
-        except Exception as error:
-            if not is_transient(error):
-                raise
-            if wait is None:
-                raise CheckpointIOError(
-                    f'reading checkpoint step {step} in {directory} failed {attempt} times ({summarize_error(error)}); '
-                    'it is left in place, since an I/O error is no evidence of damage. Check the filesystem, then '
-                    'rerun the same command.') from error
-            logging.warning('Reading checkpoint step %d in %s failed (%s); retrying in %.3g s.', step, directory,
-                            summarize_error(error), wait)
-            time.sleep(wait)
-    raise AssertionError('unreachable')
-
 
 def _read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
     try:
-        restored = _read_with_retries(
+        restored = checkpoint_recovery.read_with_retries(
             lambda: manager.restore(step, args=ocp.args.Composite(**{ITEM_META: ocp.args.JsonRestore()})),
             step, str(manager.directory))
         meta = restored[ITEM_META]
-    except CheckpointIOError:
+    except checkpoint_recovery.CheckpointIOError:
         raise
     except Exception as error:
-        raise CorruptCheckpointError(f'step {step}: metadata unreadable ({summarize_error(error)})') from error
+        raise CorruptCheckpointError(
+            f'step {step}: metadata unreadable ({checkpoint_recovery.summarize_error(error)})') from error
     if not isinstance(meta, dict) or 'config' not in meta or 'checksums' not in meta:
         raise CorruptCheckpointError(f'step {step}: metadata incomplete: {meta!r:.200}')
     return meta
@@ -348,35 +274,18 @@ def _restore_items(manager: ocp.CheckpointManager, step: int, targets: dict) -> 
             f'checkpoint step {step} is a {meta.get("kind")!r} checkpoint without {missing}; a params-only '
             'checkpoint (from the converter) can be sampled and evaluated but not resumed: train in a fresh --workdir.')
     try:
-        restored = _read_with_retries(lambda: manager.restore(step, args=ocp.args.Composite(
+        restored = checkpoint_recovery.read_with_retries(lambda: manager.restore(step, args=ocp.args.Composite(
             **{name: ocp.args.StandardRestore(target) for name, target in targets.items()})),
                                       step, str(manager.directory))
-    except CheckpointIOError:
+    except checkpoint_recovery.CheckpointIOError:
         raise
     except Exception as error:
-        raise CorruptCheckpointError(f'step {step}: {summarize_error(error)}') from error
+        raise CorruptCheckpointError(f'step {step}: {checkpoint_recovery.summarize_error(error)}') from error
     for name in targets:
         if tree_checksum(restored[name]) != meta['checksums'][name]:
             raise CorruptCheckpointError(f'step {step}: item {name!r} does not match its checksum')
     return dict(meta=meta, **{name: restored[name] for name in targets})
 
-
-def _quarantine(workdir: str, manager: ocp.CheckpointManager, step: int) -> None:
-    """Moves a corrupt step directory out of the manager's sight (to workdir/checkpoints_corrupt)."""
-    if jax.process_index() == 0:
-        source = os.path.join(checkpoint_dir(workdir), str(step))
-        target_dir = os.path.join(os.path.abspath(workdir), 'checkpoints_corrupt')
-        os.makedirs(target_dir, exist_ok=True)
-        target = os.path.join(target_dir, str(step))
-        suffix = 0
-        while os.path.exists(target):
-            suffix += 1
-            target = os.path.join(target_dir, f'{step}.{suffix}')
-        if os.path.exists(source):
-            os.rename(source, target)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(f'ddpm_jax_quarantine_{step}')
-    manager.reload()
 
 
 def _restore_with_fallback(workdir: str, manager: ocp.CheckpointManager, config: ml_collections.ConfigDict,
@@ -411,7 +320,7 @@ def _restore_with_fallback(workdir: str, manager: ocp.CheckpointManager, config:
             logging.warning('Checkpoint step %d in %s is corrupt (%s); trying the previous one.',
                             candidate, checkpoint_dir(workdir), error)
             if quarantine:
-                _quarantine(workdir, manager, candidate)
+                checkpoint_recovery.quarantine(workdir, manager, candidate)
     raise CorruptCheckpointError(
         f'no readable checkpoint in {checkpoint_dir(workdir)}: ' + '; '.join(failures)
         + ('. The damaged ones were moved to ' + os.path.join(os.path.abspath(workdir), 'checkpoints_corrupt')
@@ -475,43 +384,6 @@ def latest_step(workdir: str) -> Optional[int]:
         manager.close()
 
 
-
-_UNFINISHED_MARK = '.orbax-checkpoint-tmp'  # orbax's name for a step directory whose save has not completed
-
-
-def checkpoint_history(workdir: str) -> list:
-    """Paths that show `workdir` has held checkpoints: the complete step directories in workdir/checkpoints
-    (unfinished saves do not count) and everything moved to workdir/checkpoints_corrupt."""
-    found = []
-    for name in ('checkpoints', 'checkpoints_corrupt'):
-        directory = os.path.join(os.path.abspath(workdir), name)
-        if os.path.isdir(directory):
-            found += [os.path.join(directory, entry) for entry in sorted(os.listdir(directory))
-                      if name == 'checkpoints_corrupt' or _UNFINISHED_MARK not in entry]
-    return found
-
-
-def remove_unfinished_saves(workdir: str, timeout_s: float = 60.0) -> list:
-    """Deletes the temporary directories of saves that did not complete (process 0); returns their paths.
-
-    Call after the manager's close(). A failed save can leave orbax threads behind that still write into its
-    directory (its metadata writer, for one); they are awaited first (up to `timeout_s` each), or the
-    directory would come back after its removal.
-    """
-    directory = checkpoint_dir(workdir)
-    if jax.process_index() != 0 or not os.path.isdir(directory):
-        return []
-    from orbax.checkpoint._src.futures import future as orbax_future
-    for thread in threading.enumerate():
-        if isinstance(thread, getattr(orbax_future, '_SignalingThread', ())):
-            thread.join(timeout_s)
-    removed = []
-    for entry in sorted(os.listdir(directory)):
-        if _UNFINISHED_MARK in entry:
-            path = os.path.join(directory, entry)
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
 def restore_eval_params(workdir: str, config: ml_collections.ConfigDict, step: Optional[int] = None,
                         use_ema: bool = True) -> tuple:
     """(params, step) for evaluation: the EMA params (`restore_ema_params`), or with use_ema=False the raw

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from ddpm_jax import checkpoint, image_grid, parallel, progress as progress_lib
+from ddpm_jax import checkpoint_recovery, image_grid, parallel, progress as progress_lib
 from ddpm_jax.errors import UserError
 from ddpm_jax.loop import Hook
 
@@ -206,9 +206,9 @@ class SaveFailedError(UserError):
 def save_failed(error: BaseException, step: int, directory: str) -> SaveFailedError:
     """The one-line SaveFailedError for a failed save of `step` into `directory` (train() removes the unfinished
     save)."""
-    os_error = next((link for link in checkpoint.error_chain(error)
+    os_error = next((link for link in checkpoint_recovery.error_chain(error)
                      if isinstance(link, OSError) and link.errno), None)
-    cause = os.strerror(os_error.errno) if os_error is not None else checkpoint.summarize_error(error)
+    cause = os.strerror(os_error.errno) if os_error is not None else checkpoint_recovery.summarize_error(error)
     return SaveFailedError(
         f'{cause} while saving step {step} to {directory}: training stopped and the unfinished save is removed; '
         'the last complete checkpoint is kept. Free space or fix the permissions, then rerun the same command to '

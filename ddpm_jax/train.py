@@ -26,6 +26,7 @@ from absl import logging
 from jax.sharding import PartitionSpec as P
 
 from ddpm_jax import checkpoint
+from ddpm_jax import checkpoint_recovery
 from ddpm_jax import data as data_lib
 from ddpm_jax import diffusion as diffusion_lib
 from ddpm_jax import losses
@@ -198,9 +199,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, restart_from_scrat
                 manager.close()
             except Exception as close_error:  # pylint: disable=broad-except
                 logging.warning('Closing the checkpoint manager failed too: %s',
-                                checkpoint.summarize_error(close_error))
+                                checkpoint_recovery.summarize_error(close_error))
             if isinstance(error, SaveFailedError):  # only now: orbax's threads write into it until the close
-                for path in checkpoint.remove_unfinished_saves(workdir):
+                for path in checkpoint_recovery.remove_unfinished_saves(workdir):
                     logging.warning('Removed the unfinished save %s', path)
             raise
         manager.close()
@@ -211,8 +212,8 @@ def _restore_or_start(config: ml_collections.ConfigDict, workdir: str, mesh: jax
                       restart_from_scratch: bool) -> TrainState:
     """The state of the newest good checkpoint, or the step-0 state in a workdir that has never held one.
 
-    A workdir whose checkpoints are all gone or quarantined (checkpoint.checkpoint_history) is refused with a
-    UserError naming what was found: starting over would silently discard the run. `restart_from_scratch`
+    A workdir whose checkpoints are all gone or quarantined (checkpoint_recovery.checkpoint_history) is refused
+    with a UserError naming what was found: starting over would silently discard the run. `restart_from_scratch`
     starts from step 0 there instead; where a readable checkpoint exists it resumes as usual (so a job that is
     restarted with the flag still on keeps its new progress).
     """
@@ -229,7 +230,7 @@ def _restore_or_start(config: ml_collections.ConfigDict, workdir: str, mesh: jax
             logging.warning('--restart_from_scratch has no effect: %s holds the readable checkpoint of step %d, so '
                             'the run resumes from it.', workdir, step)
         return state
-    history = checkpoint.checkpoint_history(workdir)
+    history = checkpoint_recovery.checkpoint_history(workdir)
     if history and not restart_from_scratch:
         shown = ', '.join(history[:4]) + (f' and {len(history) - 4} more' if len(history) > 4 else '')
         raise UserError(f'{workdir} has held checkpoints but none is readable now (found {shown}); refusing to '

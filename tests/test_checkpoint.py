@@ -15,7 +15,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import multihost_worker
 
-from ddpm_jax import checkpoint, parallel, train
+from ddpm_jax import checkpoint, checkpoint_recovery, parallel, train
 
 # Orbax's read of a truncated file fails inside tensorstore's asyncio loop and leaves an
 # "Event loop is closed" callback behind at garbage collection: noise, not a test outcome.
@@ -142,7 +142,7 @@ def _failing_restores(monkeypatch, failures, error):
         return real_restore(self, step, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint._CheckpointManager, 'restore', restore)
-    monkeypatch.setattr(checkpoint, 'RETRY_WAITS_S', (0.0, 0.0))
+    monkeypatch.setattr(checkpoint_recovery, 'RETRY_WAITS_S', (0.0, 0.0))
     return failed
 
 
@@ -161,7 +161,7 @@ def test_transient_read_error_is_retried_and_never_quarantines(tmp_path, config,
     # EIO on every try (the first read and the two retries): a clear error, the checkpoint stays in place.
     monkeypatch.undo()
     failed = _failing_restores(monkeypatch, 100, _eio)
-    with pytest.raises(checkpoint.CheckpointIOError,
+    with pytest.raises(checkpoint_recovery.CheckpointIOError,
                        match='step 2 .* failed 3 times .*Input/output error.*left in place'):
         _restore(workdir, config, mesh)
     assert failed == [2, 2, 2]
@@ -170,14 +170,15 @@ def test_transient_read_error_is_retried_and_never_quarantines(tmp_path, config,
 
 
 def test_is_transient_tells_io_trouble_from_damage():
-    assert checkpoint.is_transient(_eio(1)) and checkpoint.is_transient(TimeoutError('read timed out'))
-    assert checkpoint.is_transient(PermissionError(errno.EACCES, 'Permission denied'))
-    assert checkpoint.is_transient(ValueError('UNAVAILABLE: Error reading local file: Input/output error'))
-    assert not checkpoint.is_transient(FileNotFoundError(errno.ENOENT, 'No such file or directory'))
-    assert not checkpoint.is_transient(ValueError('OUT_OF_RANGE: Requested byte range [0, 2145) is not valid'))
+    assert (checkpoint_recovery.is_transient(_eio(1))
+            and checkpoint_recovery.is_transient(TimeoutError('read timed out')))
+    assert checkpoint_recovery.is_transient(PermissionError(errno.EACCES, 'Permission denied'))
+    assert checkpoint_recovery.is_transient(ValueError('UNAVAILABLE: Error reading local file: Input/output error'))
+    assert not checkpoint_recovery.is_transient(FileNotFoundError(errno.ENOENT, 'No such file or directory'))
+    assert not checkpoint_recovery.is_transient(ValueError('OUT_OF_RANGE: Requested byte range [0, 2145) is not valid'))
     wrapped = ValueError('restore failed')
     wrapped.__cause__ = _eio(1)
-    assert checkpoint.is_transient(wrapped)
+    assert checkpoint_recovery.is_transient(wrapped)
 
 
 def test_checkpoint_deleted_while_an_evaluation_reads_it_is_skipped(tmp_path, config, mesh, monkeypatch, caplog):
