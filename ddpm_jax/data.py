@@ -18,7 +18,8 @@ Three kinds of source, picked by `config.data.name`, each random-access (`len(so
   resized with Lanczos filtering to image_size. The folder is scanned once when the source is made:
   symbolic links are followed, each real directory once (a link loop adds nothing), and every file is
   checked (`check_image_file`), so that an unreadable file is named with its path before training
-  starts. 16-bit images are scaled to 8 bits (round(v * 255 / 65535)), not clipped.
+  starts. 16-bit images are scaled to 8 bits (round(v * 255 / 65535)), not clipped. This source and the
+  image decoding shared by the sources are in `ddpm_jax.image_folder`.
 
 Batches are float32 in [-1, 1] (x / 127.5 - 1, no dequantisation noise, as the official code).
 The global training batch of step s is a function of (config.seed, s) alone: positions
@@ -32,85 +33,21 @@ import concurrent.futures
 import functools
 import itertools
 import os
-from typing import Callable, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterable, Iterator, Optional, Tuple
 
 import jax
 import numpy as np
-from PIL import Image, JpegImagePlugin
+from PIL import Image
 
-from ddpm_jax.errors import UserError
+from ddpm_jax import image_folder
 
 TFDS_FAMILIES = ('cifar10', 'celeb_a_hq', 'lsun')
 SOURCE_NAMES = ('digits', 'folder', 'cifar10', 'celeb_a_hq', 'lsun/<category>')
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 DIGITS_SPLITS = {'train': slice(0, 1500), 'test': slice(1500, 1797), 'all': slice(0, 1797)}
-
-# Threads that decode (and resize) the images of one batch; PIL releases the GIL while decoding.
-DECODE_THREADS = min(8, os.cpu_count() or 1)
 
 # Distinct first words of the SeedSequence entropy keep the random streams independent.
 _PERMUTATION_STREAM = 0x5045524D   # 'PERM'
 _FLIP_STREAM = 0x464C4950          # 'FLIP'
-
-
-# Most unreadable files listed in one error.
-MAX_LISTED_BAD_FILES = 20
-
-
-class DataError(UserError, ValueError):
-    """Data that cannot be used: unreadable image files (named with their paths), or data settings that
-    cannot work."""
-
-
-class MissingDataError(UserError, FileNotFoundError):
-    """A data folder that does not exist or holds no images; says where the files should be."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Image helpers
-
-
-# PIL modes of 16-bit single-channel images (PNG reads 16-bit grayscale as 'I;16', older Pillow as 'I').
-_SIXTEEN_BIT_MODES = ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I')
-
-
-def _to_8_bit(image):
-    """A PIL image with 8-bit channels: 16-bit grayscale (modes 'I;16*', 'I') scaled by round(v * 255 / 65535),
-    where PIL's convert('L') would clip every value above 255; other images unchanged (PIL itself keeps
-    the high byte of 16-bit RGB(A) PNGs)."""
-    if image.mode not in _SIXTEEN_BIT_MODES:
-        return image
-    values = np.asarray(image).astype(np.int64)
-    if values.min(initial=0) < 0 or values.max(initial=0) > 65535:
-        raise ValueError(f'{image.mode} image has values in [{values.min()}, {values.max()}], outside 0..65535.')
-    # v * 255 / 65535 = v / 257; never exactly halfway (257 is odd), so rounding has no ties.
-    return Image.fromarray(np.round(values / 257.0).astype(np.uint8), 'L')
-
-
-def _fit_image(image, image_size: int, mode: str) -> np.ndarray:
-    """A PIL image -> uint8 [image_size, image_size, C]: convert to `mode` ('RGB' or 'L'),
-    center-crop to a square, resize with Lanczos filtering (skipped when already the size)."""
-    image = _to_8_bit(image).convert(mode)
-    width, height = image.size
-    side = min(width, height)
-    if width != height:
-        left, top = (width - side) // 2, (height - side) // 2
-        image = image.crop((left, top, left + side, top + side))
-    if side != image_size:
-        image = image.resize((image_size, image_size), Image.Resampling.LANCZOS)
-    array = np.asarray(image, dtype=np.uint8)
-    return array[..., None] if array.ndim == 2 else array
-
-
-def _pil_mode(channels: int) -> str:
-    if channels not in (1, 3):
-        raise ValueError(f'config.data.channels={channels} is not supported; use 1 (grayscale) or 3 (RGB).')
-    return 'L' if channels == 1 else 'RGB'
-
-
-def _as_indices(indices) -> np.ndarray:
-    """Any integer index array-like -> int64 [n]."""
-    return np.asarray(indices, dtype=np.int64).reshape(-1)
 
 
 def to_model_range(images_uint8: np.ndarray) -> np.ndarray:
@@ -149,100 +86,7 @@ class DigitsSource:
         return len(self._images)
 
     def __getitem__(self, indices) -> np.ndarray:
-        return self._images[_as_indices(indices)]
-
-
-def find_image_files(split_dir: str) -> List[str]:
-    """Paths of the *.png / *.jpg / *.jpeg files under split_dir (recursive), sorted by relative path.
-
-    Symbolic links to directories are followed, but each real directory is entered once: the first link
-    in sorted order wins, so a link loop (`loop -> .`) or a second link to a folder adds no files twice.
-    """
-    paths = []
-    visited = set()  # (st_dev, st_ino) of the real directories entered
-    for directory, subdirectories, names in os.walk(split_dir, followlinks=True):
-        stat = os.stat(directory)
-        if (stat.st_dev, stat.st_ino) in visited:
-            subdirectories[:] = []
-            continue
-        visited.add((stat.st_dev, stat.st_ino))
-        subdirectories.sort()  # a deterministic walk, so the same link of a directory always wins
-        paths += [os.path.join(directory, name) for name in names
-                  if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS]
-    return sorted(paths, key=lambda path: os.path.relpath(path, split_dir))
-
-
-def check_image_file(path: str) -> None:
-    """Raises if `path` cannot be decoded, cheaply: PNGs are verified without decompressing (every chunk's
-    CRC, up to the end chunk); JPEGs are decoded at 1/8 scale (PIL's draft mode skips most of the inverse
-    DCT but still reads every byte, so a truncated file fails); anything else is decoded. Images of more
-    than PIL.Image.MAX_IMAGE_PIXELS pixels (PIL's decompression-bomb limit) are refused from their header."""
-    with Image.open(path) as image:
-        width, height = image.size
-        if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
-            raise Image.DecompressionBombError(
-                f'{width}x{height} = {width * height} pixels, more than PIL.Image.MAX_IMAGE_PIXELS = '
-                f'{Image.MAX_IMAGE_PIXELS} (a possible decompression bomb)')
-        if image.format == 'PNG':
-            image.verify()
-        else:
-            if isinstance(image, JpegImagePlugin.JpegImageFile):  # also MPO, the JPEG variant of cameras
-                image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
-            image.load()
-
-
-def _file_problem(path: str) -> Optional[str]:
-    """None when check_image_file(path) passes, else its error as text."""
-    try:
-        check_image_file(path)
-    except Exception as error:  # PIL raises many types for bad files
-        return f'{type(error).__name__}: {error}'
-    return None
-
-
-class FolderSource:
-    """Image files under root/<split>/ (recursive, sorted) as uint8 [n, S, S, C], read on demand.
-
-    Making one scans the folder (find_image_files) and checks every file (check_image_file) in
-    DECODE_THREADS threads, raising one DataError that lists the unreadable files.
-    """
-
-    def __init__(self, root: str, split: str, image_size: int, channels: int):
-        if not root:
-            raise DataError("The 'folder' source needs config.data.data_dir (or --data_dir) set to the folder "
-                            'that holds one subfolder per split, e.g. <root>/train/**/*.png.')
-        split_dir = os.path.join(os.path.expanduser(root), split)
-        if not os.path.isdir(split_dir):
-            raise MissingDataError(f'Image folder {split_dir!r} does not exist: the folder source reads '
-                                   f'<config.data.data_dir>/<split>/**/*.png|jpg|jpeg.')
-        self._image_size = image_size
-        self._mode = _pil_mode(channels)
-        self.paths = find_image_files(split_dir)
-        if not self.paths:
-            raise MissingDataError(f'No {"/".join(IMAGE_EXTENSIONS)} files found under {split_dir!r}.')
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=DECODE_THREADS)
-        bad = [(path, problem) for path, problem in zip(self.paths, self._pool.map(_file_problem, self.paths))
-               if problem is not None]
-        if bad:
-            listed = '\n'.join(f'  {path}: {problem}' for path, problem in bad[:MAX_LISTED_BAD_FILES])
-            more = f'\n  ... and {len(bad) - MAX_LISTED_BAD_FILES} more' if len(bad) > MAX_LISTED_BAD_FILES else ''
-            raise DataError(f'{len(bad)} of the {len(self.paths)} image files under {split_dir} cannot be '
-                                 f'read; delete, move or re-encode them:\n{listed}{more}')
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def _read(self, index: int) -> np.ndarray:
-        path = self.paths[index]
-        try:
-            with Image.open(path) as image:
-                return _fit_image(image, self._image_size, self._mode)
-        except Exception as error:  # the file changed after the scan
-            raise DataError(f'Image file {path} cannot be read ({type(error).__name__}: {error}); '
-                                 'delete, move or re-encode it.') from error
-
-    def __getitem__(self, indices) -> np.ndarray:
-        return np.stack(list(self._pool.map(self._read, _as_indices(indices).tolist())))
+        return self._images[image_folder.as_indices(indices)]
 
 
 def _tfds_open_error(tfds_name: str, data_dir: Optional[str], split: str, error: Exception) -> Exception:
@@ -300,8 +144,8 @@ class TfdsSource:
                              f'{image_size}: set config.data.image_size={height} or pick the TFDS config '
                              f'of that resolution (e.g. celeb_a_hq/{image_size}).')
         self._image_size = image_size
-        self._mode = _pil_mode(channels)
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=DECODE_THREADS)
+        self._mode = image_folder.pil_mode(channels)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=image_folder.DECODE_THREADS)
 
     def __len__(self) -> int:
         return len(self._source)
@@ -312,11 +156,11 @@ class TfdsSource:
         image = np.asarray(self._source[index]['image'], dtype=np.uint8)
         if self._fixed_size:
             return image
-        return _fit_image(Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image),
-                          self._image_size, self._mode)
+        return image_folder.fit_image(Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image),
+                                      self._image_size, self._mode)
 
     def __getitem__(self, indices) -> np.ndarray:
-        return np.stack(list(self._pool.map(self._read, _as_indices(indices).tolist())))
+        return np.stack(list(self._pool.map(self._read, image_folder.as_indices(indices).tolist())))
 
 
 def load_source(config, split: str):
@@ -332,7 +176,7 @@ def load_source(config, split: str):
     if name == 'digits':
         return DigitsSource(split, data.image_size, data.channels)
     if name == 'folder':
-        return FolderSource(data.data_dir, split, data.image_size, data.channels)
+        return image_folder.FolderSource(data.data_dir, split, data.image_size, data.channels)
     if name.split('/')[0] in TFDS_FAMILIES:
         data_dir = os.path.expanduser(data.data_dir) if data.data_dir else None
         return TfdsSource(data.tfds_name, split, data_dir, data.image_size, data.channels)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm_jax import config_files, data
+from ddpm_jax import config_files, data, image_folder
 
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 
@@ -224,7 +224,7 @@ def test_folder_source_names_every_unreadable_file_at_start(tmp_path):
     (train / 'bmp.png').write_bytes(bmp.getvalue()[:len(bmp.getvalue()) // 2])
     # 100000 x 100000 pixels declared in 70 bytes: PIL's decompression-bomb limit refuses it.
     (train / 'bomb.png').write_bytes(_png_bytes(np.zeros((1, 1), np.uint8), color_type=0, size=(100_000, 100_000)))
-    with pytest.raises(data.DataError) as error:
+    with pytest.raises(image_folder.DataError) as error:
         data.load_source(_base_config(name='folder', data_dir=str(tmp_path), image_size=8, channels=3), 'train')
     message = str(error.value)
     assert message.startswith(f'5 of the 7 image files under {train} cannot be read')
@@ -241,7 +241,7 @@ def test_folder_source_names_a_file_broken_during_training(tmp_path):
     config.training.batch_size = 2
     source = data.load_source(config, 'train')
     (tmp_path / 'train' / 'b.png').write_bytes(b'overwritten after the scan')
-    with pytest.raises(data.DataError, match=f'Image file {tmp_path / "train" / "b.png"} cannot be read'):
+    with pytest.raises(image_folder.DataError, match=f'Image file {tmp_path / "train" / "b.png"} cannot be read'):
         next(data.train_batches(config, source=source, process_index=0, process_count=1))
 
 

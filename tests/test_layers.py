@@ -23,7 +23,8 @@ LAYERS = {
     # 3: the networks.
     'models': 3,
     # 4: data, storage, metrics, config checks.
-    'data': 4, 'checkpoint': 4, 'fid': 4, 'validation': 4, 'workdir_lock': 4,
+    'data': 4, 'image_folder': 4, 'checkpoint': 4, 'checkpoint_recovery': 4, 'fid': 4, 'validation': 4,
+    'workdir_lock': 4,
     # 5: the trainer and the evaluation modes.
     'train': 5, 'loop': 5, 'hooks': 5, 'evaluation': 5,
     # 6: the command lines.
@@ -34,6 +35,8 @@ SAME_LAYER_EDGES = {
     ('likelihood', 'diffusion'),
     ('samplers', 'score'),
     ('validation', 'data'),
+    ('data', 'image_folder'),
+    ('checkpoint', 'checkpoint_recovery'),
     ('models', 'models.unet'),
     ('hooks', 'loop'),
     # the trainer wires the loop, its hooks and the evaluation sampler / test loss (one sampling path)
