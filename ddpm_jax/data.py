@@ -280,16 +280,19 @@ def train_batches(config, *, start_step: int = 0, process_index: Optional[int] =
 
 def eval_batches(config, split: str, batch_size: int, *, process_index: Optional[int] = None,
                  process_count: Optional[int] = None,
-                 num_images: Optional[int] = None) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+                 num_images: Optional[int] = None, source=None) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
     """Every image of `split` once, in order: (images float32 [b, S, S, C] in [-1, 1], mask bool [b]).
 
     `batch_size` is global: global batch k holds images k*batch_size .. (k+1)*batch_size - 1 and this
     host yields its rows [process_index * b, (process_index + 1) * b), b = batch_size // process_count.
     Every host yields ceil(n / batch_size) batches; positions past the end are zero images with
     mask False. num_images (None: the whole split) limits the split to its first images. No flips.
+    source: `load_source(config, split)` when the caller already opened it (an image folder is scanned and
+    checked once per opening).
     """
     row_start, local_batch_size = _process_slice(batch_size, process_index, process_count, 'batch_size')
-    source = load_source(config, split)
+    if source is None:
+        source = load_source(config, split)
     total = len(source) if num_images is None else min(num_images, len(source))
     if total < 1:
         raise ValueError(f'num_images={num_images} must be >= 1 (split {split!r} has {len(source)} images).')

@@ -31,11 +31,13 @@ def _batch_path(out_dir: str, b: int) -> str:
     return os.path.join(out_dir, f'batch_{b:05d}.npz')
 
 
-def pending_batches(config, out_dir: str, split: str, batch_size: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """(b, this host's images [b_local,H,W,C], mask [b_local]) of the eval batches whose file is not yet in out_dir
-    (data.eval_batches' order: every image once, the last batch padded)."""
+def pending_batches(config, out_dir: str, split: str, batch_size: int,
+                    source) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(b, this host's images [b_local,H,W,C], mask [b_local]) of the eval batches of `source` (the opened split)
+    whose file is not yet in out_dir (data.eval_batches' order: every image once, the last batch padded)."""
     batches = data.eval_batches(config, split, batch_size, process_index=jax.process_index(),
-                                process_count=jax.process_count(), num_images=int(config.eval.num_images) or None)
+                                process_count=jax.process_count(), num_images=int(config.eval.num_images) or None,
+                                source=source)
     for b, (images, mask) in enumerate(batches):
         if not os.path.exists(_batch_path(out_dir, b)):  # the processes share the workdir
             yield b, images, mask
@@ -70,14 +72,16 @@ def nll_batches(config, out_dir: str, apply_fn: Callable, params, split: str, *,
     sharding = parallel.data_sharding(mesh)
     common.check_diffusion_supported(config, 'nll')
     num_timesteps = int(config.diffusion.num_diffusion_timesteps)
-    num_batches = -(-common.split_size(config, split, int(config.eval.num_images) or None) // batch_size)
+    source = data.load_source(config, split)
+    num_images = min(len(source), int(config.eval.num_images) or len(source))
+    num_batches = -(-num_images // batch_size)
     counter = progress_lib.TimestepCounter(np.arange(num_timesteps), progress_lib.Progress(
         f'NLL over {num_batches} batches of {batch_size}', num_batches * num_timesteps, unit='steps'))
     batch_fn = _bound_batch_fn(config, apply_fn, sharding, counter) if make_batch_fn is None else make_batch_fn(
         sharding)
     params = common.replicated(params, mesh)
     base_key = common.seed_key(config, rng_streams.EVAL_NLL)
-    for b, images, mask in pending_batches(config, out_dir, split, batch_size):
+    for b, images, mask in pending_batches(config, out_dir, split, batch_size, source):
         counter.offset = b * num_timesteps
         x = parallel.shard_batch(np.asarray(images, np.float32), mesh)
         global_mask = parallel.to_host(parallel.shard_batch(np.asarray(mask, bool), mesh))
