@@ -40,10 +40,13 @@ def get_config() -> ml_collections.ConfigDict:
     # softmax), 'dot_product' (jax.nn.dot_product_attention, XLA), 'cudnn' (its cuDNN fused attention: GPU and
     # bfloat16 only). remat: recompute each ResnetBlock / AttnBlock in the backward pass (less activation
     # memory, ~1 more forward pass per train step). fast_variance: one-pass GroupNorm variance E[x^2] - E[x]^2
-    # (one read of each activation less; the official code is two-pass). Checkpoints load whatever these are.
+    # (one read of each activation less; the official code is two-pass). upsample: 'subpixel' (the x2 upsampling
+    # conv as four 2x2 convs on the low-resolution input, 2.25x fewer FLOPs) or 'repeat' (the official order:
+    # repeat pixels, then the 3x3 conv). Checkpoints load whatever these are.
     model.attention = 'einsum'
     model.remat = False
     model.fast_variance = False
+    model.upsample = 'subpixel'
 
     # Diffusion (paper Sec. 2-3; official diffusion_tf/diffusion_utils_2.py).
     diffusion = config.diffusion = ml_collections.ConfigDict()

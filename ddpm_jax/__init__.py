@@ -3,9 +3,10 @@
 The public API: the pure diffusion core (`schedules`, `diffusion`, `likelihood`, `losses`) and the U-Net.
 Training, evaluation, data and checkpoints live in their modules (`ddpm_jax.train`, `ddpm_jax.evaluation`,
 `ddpm_jax.data`, `ddpm_jax.checkpoint`) and are driven by `python -m ddpm_jax.main`. Importing this
-package needs neither TensorFlow nor PyTorch.
+package needs neither TensorFlow nor PyTorch. It lowers `jax.random`'s threefry unrolled on CPU, as JAX does on
+GPU and TPU (`xla_cpu.unroll_threefry`: the same random bits, produced faster), for the whole process.
 """
-from ddpm_jax import diffusion, likelihood, losses, schedules
+from ddpm_jax import diffusion, likelihood, losses, schedules, xla_cpu
 from ddpm_jax.diffusion import (
     DiffusionSettings,
     GaussianDiffusion,
@@ -34,6 +35,8 @@ from ddpm_jax.likelihood import (
 from ddpm_jax.losses import training_losses
 from ddpm_jax.models.unet import UNet, create_model
 from ddpm_jax.schedules import betas_from_config, get_beta_schedule
+
+xla_cpu.unroll_threefry()
 
 __all__ = [
     'DiffusionSettings', 'GaussianDiffusion', 'UNet', 'approx_standard_normal_cdf', 'betas_from_config',

@@ -45,8 +45,8 @@ _COMPATIBILITY_KEYS = ('model', 'diffusion', 'data.image_size', 'data.channels')
 # how the model computes (e.g. train in float32, sample in bfloat16 with cuDNN attention), and choices that
 # change neither the params nor what the network predicts (the loss trains the same output; dropout is off at
 # evaluation). model_var_type may change among the fixed variances (paper Table 2 samples one model with both).
-_COMPUTE_SWITCHES = ('model.dtype', 'model.attention', 'model.remat', 'model.fast_variance', 'model.dropout',
-                     'diffusion.loss_type', 'diffusion.hybrid_lambda')
+_COMPUTE_SWITCHES = ('model.dtype', 'model.attention', 'model.remat', 'model.fast_variance', 'model.upsample',
+                     'model.dropout', 'diffusion.loss_type', 'diffusion.hybrid_lambda')
 _FIXED_VAR_TYPES = ('fixedsmall', 'fixedlarge')
 
 

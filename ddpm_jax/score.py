@@ -49,7 +49,6 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import diffrax
 import jax
 import jax.numpy as jnp
 
@@ -288,6 +287,7 @@ def ode_drift(d, model_fn, x, t):
 
 def _solve(vector_field, y0, t0, t1, *, solver, rtol, atol, num_steps, max_steps=100_000):
     """diffrax solve of dy/dt = vector_field(t, y) from t0 to t1. Returns (y(t1), vector-field calls)."""
+    import diffrax  # here, not at the top: importing it takes ~0.4 s that training and sampling never need
     diffusion.check_choice('ode_solver', solver, ODE_SOLVERS)
     term = diffrax.ODETerm(lambda t, y, args: vector_field(t, y))
     if solver == 'adaptive':

@@ -217,8 +217,9 @@ def _restore_or_start(config: ml_collections.ConfigDict, workdir: str, mesh: jax
     starts from step 0 there instead; where a readable checkpoint exists it resumes as usual (so a job that is
     restarted with the flag still on keeps its new progress).
     """
-    try:
-        state = checkpoint.restore_state(workdir, manager, create_train_state(config, mesh, abstract=True), config)
+    try:  # the abstract state (a trace of the initialiser, ~0.5 s) only where there is something to restore
+        state = checkpoint.restore_state(workdir, manager, create_train_state(config, mesh, abstract=True),
+                                         config) if manager.all_steps() else None
     except checkpoint.CorruptCheckpointError:
         if not restart_from_scratch:
             raise

@@ -168,6 +168,7 @@ def _check_model(problems: _Problems) -> None:
     problems.number('model.dropout', 0.0, 1.0, high_open=True)
     problems.choice('model.dtype', tuple(unet.COMPUTE_DTYPES))
     problems.choice('model.attention', unet.ATTENTION_IMPLS)
+    problems.choice('model.upsample', unet.UPSAMPLE_IMPLS)
     image_size = problems.config.data.image_size
     if _is_int(image_size) and image_size > 0 and levels is not None:
         resolutions = [image_size // 2 ** i for i in range(levels)]

@@ -4,8 +4,8 @@
     python experiments/bench_startup.py --cases=digits --rounds=1             # seconds to a minute
 
 Each measurement is a fresh Python process (`--child`) that does what `train.train` does before its first step:
-import ddpm_jax, build the mesh, the abstract state (the shape check of a resume), the step-0 state
-(`train.create_train_state`), the compiled step (`train.make_train_step`), and one step on a synthetic batch up
+import ddpm_jax, build the mesh, the step-0 state (`train.create_train_state`; a fresh workdir has no checkpoint,
+so `train.train` builds no abstract state for a restore), the compiled step (`train.make_train_step`), and one step on a synthetic batch up
 to `block_until_ready`. The wall time runs from just before the process is spawned to that point (so the
 interpreter start and the imports count), with the phases reported apart.
 
@@ -50,7 +50,6 @@ def child(config_path: str, overrides: dict, cache_dir: str, spawned_at: float) 
     config.update_from_flattened_dict(overrides)
     compile_cache.enable(cache_dir)
     mesh = parallel.make_mesh()
-    train.create_train_state(config, mesh, abstract=True)
     state = jax.block_until_ready(train.create_train_state(config, mesh))
     marks['state'] = time.time() - spawned_at
     step = train.make_train_step(config, mesh)

@@ -15,7 +15,7 @@ PACKAGE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 LAYERS = {
     # 0: no package imports beyond this layer; torchscript is a numpy-only reader of torch archives.
     'errors': 0, 'config_files': 0, 'schedules': 0, 'parallel': 0, 'image_grid': 0, 'progress': 0,
-    'torchscript': 0, 'compile_cache': 0, 'rng_streams': 0,
+    'torchscript': 0, 'compile_cache': 0, 'rng_streams': 0, 'xla_cpu': 0,
     # 1: the diffusion core.
     'diffusion': 1, 'likelihood': 1,
     # 2: what is built on the core: losses, samplers, the score view.
@@ -44,6 +44,7 @@ SAME_LAYER_EDGES = {
 }
 # Third-party modules that may be imported inside a function: optional or heavy, needed by few code paths.
 LAZY_IMPORTS = {'tensorflow', 'tensorflow_datasets', 'torch', 'tensorboardX', 'safetensors', 'matplotlib',
+                'diffrax',  # only the probability-flow ODE paths need it; importing it costs ~0.4 s at every start
                 'sklearn',  # only the bundled digits dataset needs scikit-learn
                 # a private orbax module (its location changes between versions), used only to join its threads
                 'orbax.checkpoint._src.futures'}

@@ -19,6 +19,7 @@ from ddpm_jax.models import UNet, create_model, get_timestep_embedding, unet
 
 TINY = dict(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(4,))   # 8x8 input
 CIFAR10 = dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,))
+UPSAMPLE = ('subpixel', 'repeat')
 LSUN = dict(ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,))
 
 
@@ -212,7 +213,9 @@ def test_output_shape_full_size(kwargs, size):
 
 # fast_variance (E[x^2] - E[x]^2) is the same variance as the reference's two-pass E[(x - E[x])^2]; it differs
 # only by rounding, amplified by (mean^2 + var) / var within a group (a few units here), so the same tolerances hold.
-SWITCHES_SAME_ARITHMETIC = [{}, dict(fast_variance=True)]
+# The default upsample='subpixel' sums the same products as the reference's index-based repeat + 3x3 conv in
+# another order; upsample='repeat' is the reference's own order.
+SWITCHES_SAME_ARITHMETIC = [{}, dict(fast_variance=True), dict(upsample='repeat')]
 
 
 @pytest.mark.parametrize('switches', SWITCHES_SAME_ARITHMETIC)
@@ -324,12 +327,13 @@ def test_rejects_bad_input_shapes():
 
 
 # ------------------------------------------------------------------------------------------------
-# speed switches: config.model.attention, remat and fast_variance
+# speed switches: config.model.attention, remat, fast_variance and upsample
 
 
 def test_speed_switches_keep_parameter_tree():
     reference = abstract_init(UNet(**TINY), 8)
-    for switches in (dict(attention='dot_product'), dict(remat=True), dict(fast_variance=True)):
+    for switches in (dict(attention='dot_product'), dict(remat=True), dict(fast_variance=True),
+                     dict(upsample='repeat')):
         params = abstract_init(UNet(**TINY, **switches), 8)
         assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(reference), switches
         assert jax.tree.map(lambda p: p.shape, params) == jax.tree.map(lambda p: p.shape, reference), switches
@@ -402,6 +406,57 @@ def test_create_model_reads_speed_switches():
     model = create_model(_config(attention='dot_product', remat=True))
     assert (model.attention, model.remat, model.fast_variance) == ('dot_product', True, False)
     assert create_model(_config(fast_variance=True)).fast_variance
+    assert (create_model(_config()).upsample, create_model(_config(upsample='repeat')).upsample) == \
+        ('subpixel', 'repeat')
+    with pytest.raises(ValueError, match=r"config\.model\.upsample='nearest'; allowed"):
+        create_model(_config(upsample='nearest'))
+
+
+@pytest.mark.parametrize('height, width', [(4, 4), (3, 5)])
+def test_subpixel_upsample_conv_matches_repeat_then_conv_float64(height, width):
+    # Reference: the official order written in numpy, index-based nearest x2 then a zero-padded 3x3 conv, with
+    # random (non-symmetric) taps, so a tap folded into the wrong phase or a swapped pad would show.
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(2, height, width, 3))
+    kernel = rng.normal(size=(3, 3, 3, 5))
+    up = x[:, np.arange(2 * height) // 2][:, :, np.arange(2 * width) // 2]
+    padded = np.pad(up, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    reference = sum(np.einsum('bhwc,cd->bhwd', padded[:, i:i + 2 * height, j:j + 2 * width], kernel[i, j])
+                    for i in range(3) for j in range(3))
+    with jax.enable_x64(True):
+        out = np.asarray(unet._upsample_conv_subpixel(jnp.asarray(x), jnp.asarray(kernel), jnp.float64))
+    assert out.shape == (2, 2 * height, 2 * width, 5)
+    # float64, at most 9 products summed in another order: measured ~1e-15 of the largest output.
+    np.testing.assert_allclose(out, reference, rtol=0, atol=1e-13 * np.abs(reference).max())
+
+
+def test_subpixel_upsample_keeps_init_and_gradients():
+    # Same parameters from the same key (names, shapes and init order as nn.Conv), and in float64 the same loss
+    # and gradients as the official order up to summation order, dropout on.
+    kwargs = dict(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.3)
+    x, t = jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,), jnp.int32)
+    init = [UNet(**kwargs, upsample=impl).init(jax.random.key(3), x, t, train=False) for impl in UPSAMPLE]
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), *init)
+    rng = np.random.default_rng(12)
+    with jax.enable_x64(True):
+        params = random_params(UNet(**kwargs), 8, seed=13)
+        x = jnp.asarray(rng.uniform(-1.0, 1.0, (2, 8, 8, 3)))
+        target = jnp.asarray(rng.normal(size=(2, 8, 8, 3)))
+        t = jnp.array([3, 987], jnp.int32)
+
+        def loss_and_grads(impl):
+            model = UNet(**kwargs, upsample=impl, dtype=jnp.float64, param_dtype=jnp.float64)
+
+            def loss(p):
+                out = model.apply({'params': p}, x, t, train=True, rngs={'dropout': jax.random.key(6)})
+                return jnp.mean((out - target) ** 2)
+            return jax.jit(jax.value_and_grad(loss))(params)
+        (loss_sub, grads_sub), (loss_rep, grads_rep) = [loss_and_grads(impl) for impl in UPSAMPLE]
+    np.testing.assert_allclose(float(loss_sub), float(loss_rep), rtol=1e-13)
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads_rep))
+    assert scale > 0.01 and float(jnp.abs(grads_rep['up_1']['upsample']['conv']['kernel']).max()) > 1e-3
+    for g_sub, g_rep in zip(jax.tree.leaves(grads_sub), jax.tree.leaves(grads_rep)):
+        np.testing.assert_allclose(np.asarray(g_sub), np.asarray(g_rep), rtol=0, atol=1e-12 * scale)
 
 
 def _matmul_operand_types(stablehlo_text: str, op: str) -> list:
@@ -435,10 +490,11 @@ def test_bfloat16_model_asks_for_bfloat16_convolutions_and_matmuls():
 
     text = jax.jit(jax.value_and_grad(loss)).lower(params, x, t).as_text()
     convolutions = _matmul_operand_types(text, 'convolution')
-    # Forward 3x3 convolutions: conv_in, 2 per ResnetBlock (4 down, 2 mid, 6 up: 24), downsample, upsample,
-    # conv_out = 28 (the nin shortcuts are dense layers). Backward: a filter gradient for each of the 28 and an
-    # input gradient for all but conv_in (its input x is not differentiated): 28 + 28 + 27 = 83.
-    assert len(convolutions) == 83, len(convolutions)
+    # Forward convolutions: conv_in, 2 per ResnetBlock (4 down, 2 mid, 6 up: 24), downsample, conv_out and the
+    # upsample's four 2x2 phase convolutions (upsample='subpixel') = 31 (the nin shortcuts are dense layers).
+    # Backward: a filter gradient for each of the 31 and an input gradient for all but conv_in (its input x is
+    # not differentiated): 31 + 31 + 30 = 92.
+    assert len(convolutions) == 92, len(convolutions)
     assert set(convolutions) == {('bf16', 'bf16', 'bf16')}, sorted(set(convolutions))
     dots = _matmul_operand_types(text, 'dot_general')
     assert dots, 'no dot_general: the dense layers and attention matmuls are missing'

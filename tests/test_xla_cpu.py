@@ -1,0 +1,72 @@
+"""ddpm_jax.xla_cpu: threefry lowered unrolled on CPU gives the same random bits, without a while loop."""
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.random import threefry_2x32
+
+import ddpm_jax  # noqa: F401  (importing the package registers the unrolled lowering)
+from ddpm_jax import xla_cpu
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import subprocess_helpers  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def np_threefry2x32(key: tuple, counter: tuple) -> tuple:
+    """Threefry-2x32 with 20 rounds (Salmon et al. 2011, Random123), in numpy uint32 arithmetic."""
+    rotations = [13, 15, 26, 6, 17, 29, 16, 24]
+    k = [np.uint32(key[0]), np.uint32(key[1])]
+    k.append(k[0] ^ k[1] ^ np.uint32(0x1BD11BDA))
+    x = [np.uint32(counter[0]) + k[0], np.uint32(counter[1]) + k[1]]
+    for block in range(5):
+        for r in range(4):
+            rot = rotations[4 * (block % 2) + r]
+            x[0] = x[0] + x[1]
+            x[1] = (x[1] << np.uint32(rot)) | (x[1] >> np.uint32(32 - rot))
+            x[1] = x[1] ^ x[0]
+        x[0] = x[0] + k[(block + 1) % 3]
+        x[1] = x[1] + k[(block + 2) % 3] + np.uint32(block + 1)
+    return int(x[0]), int(x[1])
+
+
+def test_unrolled_threefry_matches_the_random123_answers_and_has_no_loop():
+    assert xla_cpu.unroll_threefry()   # jax >= 0.10 has the rule; registering again is harmless
+    key = jnp.array([0x13198A2E, 0x03707344], jnp.uint32)
+    counters = jnp.array([[0x243F6A88, 0, 1, 0xFFFFFFFF], [0x85A308D3, 0, 2, 0xFFFFFFFF]], jnp.uint32)
+    lowered = jax.jit(threefry_2x32).lower(key, counters)
+    assert 'while' not in lowered.as_text()
+    out = np.asarray(lowered.compile()(key, counters))
+    with np.errstate(over='ignore'):
+        expected = [np_threefry2x32((0x13198A2E, 0x03707344), tuple(int(c) for c in counters[:, i])) for i in range(4)]
+    assert [tuple(int(v) for v in out[:, i]) for i in range(4)] == expected
+    # The published known answer of Random123's kat_vectors for this key and counter.
+    assert expected[0] == (0xC4923A9C, 0x483DF7A0)
+
+
+_ROLLED_DRAWS = """
+import json, jax, jax.numpy as jnp, numpy as np
+key = jax.random.key(7)
+bits = jax.random.bits(key, (3, 5, 7))
+mask = jax.random.bernoulli(jax.random.fold_in(key, 1), 0.9, (4, 6, 6, 8))
+normal = jax.random.normal(jax.random.split(key)[1], (257,))
+text = jax.jit(lambda k: jax.random.bits(k, (3, 5, 7))).lower(key).as_text()
+print(json.dumps({'bits': np.asarray(bits).tolist(), 'mask': np.asarray(mask).tolist(),
+                  'normal': np.asarray(normal).tolist(), 'rolled': 'while' in text}))
+"""
+
+
+def test_draws_equal_those_of_the_rolled_lowering():
+    # The reference: a fresh interpreter that never imports ddpm_jax, so JAX keeps its rolled CPU lowering.
+    result = subprocess_helpers.run([sys.executable, '-c', _ROLLED_DRAWS])
+    assert result.returncode == 0, result.stderr[-2000:]
+    rolled = json.loads(result.stdout.strip().splitlines()[-1])
+    assert rolled['rolled'], 'the reference process should use the rolled lowering'
+    key = jax.random.key(7)
+    np.testing.assert_array_equal(np.asarray(jax.random.bits(key, (3, 5, 7))), np.array(rolled['bits'], np.uint32))
+    np.testing.assert_array_equal(np.asarray(jax.random.bernoulli(jax.random.fold_in(key, 1), 0.9, (4, 6, 6, 8))),
+                                  np.array(rolled['mask']))
+    np.testing.assert_array_equal(np.asarray(jax.random.normal(jax.random.split(key)[1], (257,)), np.float64),
+                                  np.array(rolled['normal'], np.float64))
