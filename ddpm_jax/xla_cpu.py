@@ -9,8 +9,11 @@ The unrolled form is the same function of the same key and counters (bit-identic
 tests/test_xla_cpu.py checks the bits), which XLA fuses into one loop over the elements.
 
 The rule itself is private to JAX (`jax._src.random.threefry2x32`); where a JAX version lacks it, nothing is
-changed and the rolled lowering stays (slower, same numbers).
+changed and the rolled lowering stays (slower, same numbers). `DDPM_JAX_THREEFRY=rolled` in the environment keeps
+JAX's rolled CPU lowering (to compare the two, or should a very large program compile too slowly unrolled).
 """
+import os
+
 from absl import logging
 from jax.extend import random as jex_random
 from jax.interpreters import mlir
@@ -20,17 +23,21 @@ try:  # private: the unrolled rule JAX registers for GPU and TPU
 except ImportError:
     _UNROLLED_THREEFRY_RULE = None
 
+ENV_VAR = 'DDPM_JAX_THREEFRY'
 _applied = False
 
 
 def unroll_threefry() -> bool:
     """Registers JAX's unrolled threefry2x32 lowering (its GPU/TPU default) for the CPU platform, once per process.
 
-    Returns True when the unrolled lowering is in place, False when this JAX version does not offer it.
+    Returns True when the unrolled lowering is in place, False when this JAX version does not offer it or
+    $DDPM_JAX_THREEFRY is 'rolled'.
     Affects functions lowered afterwards (a persistent-cache entry of the rolled form is simply not hit: the
     lowered module, hence the key, differs).
     """
     global _applied
+    if os.environ.get(ENV_VAR, 'unrolled') == 'rolled':
+        return False
     if _UNROLLED_THREEFRY_RULE is None:
         if not _applied:
             logging.info('This JAX has no unrolled threefry2x32 lowering to register; keeping the rolled CPU one')

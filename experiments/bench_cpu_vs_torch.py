@@ -361,7 +361,7 @@ def format_report(result: dict) -> str:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--train_batches', default='8,32', help='comma list of train-step batch sizes')
-    parser.add_argument('--sample_batches', default='16,64', help='comma list of sampling-step batch sizes')
+    parser.add_argument('--sample_batches', default='8,32', help='comma list of sampling-step batch sizes')
     parser.add_argument('--rounds', type=int, default=5)
     parser.add_argument('--steps', type=int, default=3, help='timed steps per setting and round')
     parser.add_argument('--threads', type=int, default=2, help='cores for each implementation; 0 = all')

@@ -119,6 +119,10 @@ levers() {  # levers NAME_SUFFIX LIMIT_S EXTRA_SET_ARGS...: one sampling and one
 }
 levers fv 35 --set model.fast_variance=True
 levers fv_attn 35 --set model.fast_variance=True --set model.attention="'$ATTN'"
+# PERF_NOTES lever C10 on the GPU: the official repeat-then-conv upsampling against the default 'subpixel' (sampling).
+stage levers_sample_repeat 35 experiments/bench_sample.py $SMOKE_FLAG --config=configs/cifar10.py \
+    --set model.upsample="'repeat'" --dtypes=bfloat16 --batch_size=$SAMPLE_BATCH --num_steps=$SAMPLE_STEPS \
+    --repeats=5 --out="$OUT/levers_sample_repeat.json"
 
 # 5. float32 training (the reference's fp32 column; lever 1 is bfloat16 against this row).
 stage fp32_train_cifar10 45 experiments/bench_train.py $SMOKE_FLAG --config=configs/cifar10.py \

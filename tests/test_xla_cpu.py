@@ -48,6 +48,7 @@ def test_unrolled_threefry_matches_the_random123_answers_and_has_no_loop():
 
 _ROLLED_DRAWS = """
 import json, jax, jax.numpy as jnp, numpy as np
+import ddpm_jax  # with DDPM_JAX_THREEFRY=rolled it leaves JAX's rolled CPU lowering in place
 key = jax.random.key(7)
 bits = jax.random.bits(key, (3, 5, 7))
 mask = jax.random.bernoulli(jax.random.fold_in(key, 1), 0.9, (4, 6, 6, 8))
@@ -59,8 +60,9 @@ print(json.dumps({'bits': np.asarray(bits).tolist(), 'mask': np.asarray(mask).to
 
 
 def test_draws_equal_those_of_the_rolled_lowering():
-    # The reference: a fresh interpreter that never imports ddpm_jax, so JAX keeps its rolled CPU lowering.
-    result = subprocess_helpers.run([sys.executable, '-c', _ROLLED_DRAWS])
+    # The reference: a fresh interpreter with JAX's rolled CPU lowering (kept by the environment switch).
+    env = dict(os.environ, **{xla_cpu.ENV_VAR: 'rolled'})
+    result = subprocess_helpers.run([sys.executable, '-c', _ROLLED_DRAWS], env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     rolled = json.loads(result.stdout.strip().splitlines()[-1])
     assert rolled['rolled'], 'the reference process should use the rolled lowering'
