@@ -299,12 +299,14 @@ def test_fid_mode_matches_direct_computation_and_caches_references(run, inceptio
         evaluation.get('fid')(config, workdir)
     samples_path = sample_mode.run(config, workdir)['path']
 
-    reference_calls = []
-    eval_batches = data.eval_batches
+    reference_calls, opened = [], []
+    eval_batches, load_source = data.eval_batches, data.load_source
     monkeypatch.setattr(data, 'eval_batches', lambda *a, **k: reference_calls.append(a[1]) or eval_batches(*a, **k))
+    monkeypatch.setattr(data, 'load_source', lambda *a, **k: opened.append(a[1]) or load_source(*a, **k))
     caplog.set_level('INFO')
     result = evaluation.get('fid')(config, workdir)
     assert sorted(reference_calls) == ['test', 'train']
+    assert sorted(opened) == ['test', 'train']   # each split opened once, for its batches and its progress total
     for line in ('Inception on the samples: 20/20 images (100.0%)', 'Inception on the train split: 8/8 images',
                  'Inception on the test split: 8/8 images'):  # progress lines of the Inception passes
         assert line in caplog.text
@@ -342,8 +344,9 @@ def test_fid_mode_matches_direct_computation_and_caches_references(run, inceptio
 
     # Second run: the reference statistics come from the cache (no data read); same numbers.
     reference_calls.clear()
+    opened.clear()
     again = evaluation.get('fid')(config, workdir)
-    assert reference_calls == []
+    assert reference_calls == [] and opened == []
     assert again['fid_train'] == result['fid_train'] and again['fid_test'] == result['fid_test']
     assert sorted(os.listdir(tmp_path / 'stats')) == sorted(
         os.path.basename(result['reference'][role]['stats']) for role in ('train', 'test'))

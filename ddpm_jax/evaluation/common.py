@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from PIL import Image
 
-from ddpm_jax import checkpoint, data, parallel, rng_streams, samplers, schedules
+from ddpm_jax import checkpoint, parallel, rng_streams, samplers, schedules
 from ddpm_jax.models import unet
 
 # ----------------------------------------------------------------------------------------------- files
@@ -91,10 +91,9 @@ def eval_split(config) -> str:
     return config.eval.split or config.data.eval_split
 
 
-def split_size(config, split: str, limit: int | None) -> int:
-    """Images of `split` (at most `limit` when given)."""
-    size = len(data.load_source(config, split))
-    return min(size, limit) if limit else size
+def split_size(source, limit: int | None) -> int:
+    """Images of an opened split (`data.load_source`), at most `limit` when given."""
+    return min(len(source), limit) if limit else len(source)
 
 
 def eval_tag(config) -> str:

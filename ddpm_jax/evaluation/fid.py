@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+from typing import Callable
 
 import jax
 import numpy as np
@@ -155,12 +156,7 @@ def fid_of_samples(config, workdir: str, samples: np.ndarray, inception_net: dic
     num_reference = int(config.eval.fid_num_reference_images) or None
     for role, split in (('train', config.data.train_split), ('test', common.eval_split(config))):
         stats_path, key = reference_stats_file(config, workdir, split, inception_net['sha256'])
-        batches = functools.partial(data.eval_batches, config, split, batch_size, process_index=0, process_count=1,
-                                    num_images=num_reference)  # not called when the cache is valid
-        counted_fn = progress_lib.counting(inception_fn, f'Inception on the {split} split',
-                                           functools.partial(common.split_size, config, split, num_reference))
-        reference = fid_lib.cached_reference_statistics(stats_path, batches, counted_fn, key=key,
-                                                        write_cache=jax.process_index() == 0)
+        reference = _reference_statistics(config, split, stats_path, key, inception_fn, batch_size, num_reference)
         result[f'fid_{role}'] = fid_lib.fid_from_stats(sample_stats, reference)
         result['reference'][role] = dict(split=split, num_images=reference[2], stats=stats_path)
         logging.info('FID against %s (%d images): %.4f', split, reference[2], result[f'fid_{role}'])
@@ -170,6 +166,22 @@ def fid_of_samples(config, workdir: str, samples: np.ndarray, inception_net: dic
         result.update(inception_score=score, inception_score_std=score_std, inception_score_splits=splits)
         logging.info('Inception Score: %.4f +- %.4f (%d splits)', score, score_std, splits)
     return result
+
+
+def _reference_statistics(config, split: str, stats_path: str, key: dict, inception_fn: Callable, batch_size: int,
+                          num_images: int | None) -> tuple:
+    """fid_lib.cached_reference_statistics of `split` (its first num_images; None: all): read from stats_path when
+    valid, else computed, with the split opened once for both the batches and the progress total."""
+    source = functools.cache(functools.partial(data.load_source, config, split))
+
+    def batches():
+        return data.eval_batches(config, split, batch_size, process_index=0, process_count=1, num_images=num_images,
+                                 source=source())
+
+    counted_fn = progress_lib.counting(inception_fn, f'Inception on the {split} split',
+                                       lambda: common.split_size(source(), num_images))
+    return fid_lib.cached_reference_statistics(stats_path, batches, counted_fn, key=key,
+                                               write_cache=jax.process_index() == 0)
 
 
 def run(config, workdir: str) -> dict:
