@@ -2,7 +2,9 @@
 
 The cache lives in pytest's cache directory (`.pytest_cache/d/jax_cache`), so a rerun of the suite loads the
 compiled functions of the previous run; $JAX_COMPILATION_CACHE_DIR, when set, is used instead. Subprocesses
-(the CLI, multi-host workers) inherit the directory and the thresholds through JAX's environment variables.
+(the CLI, multi-host workers) inherit the directory and the thresholds through JAX's environment variables, and
+so do pytest-xdist workers (`-n 2`): the controller runs pytest_configure before it starts them, so every worker
+finds the variable set and all share one cache (JAX writes each entry atomically, under a file lock).
 """
 import os
 import tempfile

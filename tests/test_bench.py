@@ -34,7 +34,8 @@ SAMPLE_SETTINGS = f'XLA_FLAGS={HARMLESS_XLA_FLAGS}'
 
 @pytest.fixture(scope='module')
 def smoke_runs(tmp_path_factory):
-    """Runs both scripts in --smoke mode concurrently; returns {name: (completed process, parsed JSON)}."""
+    """Runs both scripts in --smoke mode concurrently; returns {name: (completed process, parsed JSON)}.
+    Its tests share one pytest-xdist worker (xdist_group 'bench_smoke'), so the runs happen once."""
     out_dir = tmp_path_factory.mktemp('bench')
     env = {key: value for key, value in os.environ.items() if key != 'XLA_FLAGS'}
     env.update(JAX_PLATFORMS='cpu', PYTHONPATH=REPO_ROOT)
@@ -63,6 +64,7 @@ def smoke_runs(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group('bench_smoke')
 def test_train_smoke_writes_rows_with_positive_throughput(smoke_runs):
     output, result = smoke_runs['train']
     assert TABLE_HEADER in output and 'cifar10_smoke' in output
@@ -92,6 +94,7 @@ def test_train_smoke_writes_rows_with_positive_throughput(smoke_runs):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group('bench_smoke')
 def test_sample_smoke_counts_one_network_evaluation_per_step(smoke_runs):
     output, result = smoke_runs['sample']
     assert TABLE_HEADER in output and 'img-steps/s' in output
@@ -105,6 +108,7 @@ def test_sample_smoke_counts_one_network_evaluation_per_step(smoke_runs):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group('bench_smoke')
 def test_summarize_prints_one_table_with_the_settings_of_every_row(smoke_runs, tmp_path, capsys):
     paths = []
     for name, (_, result) in smoke_runs.items():

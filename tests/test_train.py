@@ -277,6 +277,8 @@ def _kill(started):
     subprocess_helpers.kill_groups([proc for proc, _ in started])
 
 
+# Under pytest-xdist the tests of this section share one worker (xdist_group 'multihost'): the module fixture
+# runs once, and the two-process jobs never race each other for the coordinator port that _free_port picked.
 # Three steps (lr 0, lr / 2, lr) with clipping; dropout 0, because dropout masks are drawn per device
 # (t and noise are drawn per global example, so they do not depend on the device count).
 _EQUIVALENCE = {'training.num_train_steps': 3, 'optim.grad_clip': 1.0}
@@ -296,6 +298,7 @@ def _assert_close(reference, other, atol):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group('multihost')
 def test_one_device_equals_four_devices(tmp_path, four_device_run):
     assert int(four_device_run['device_count']) == 4 and jax.device_count() == 1
     state = train.train(multihost_worker.tiny_config(**_EQUIVALENCE), str(tmp_path))
@@ -307,6 +310,7 @@ def test_one_device_equals_four_devices(tmp_path, four_device_run):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group('multihost')
 def test_two_processes_equal_one_process(tmp_path, four_device_run):
     started = _start_two_processes(tmp_path, 'multi', tmp_path / 'multi', _EQUIVALENCE)
     try:
@@ -355,6 +359,7 @@ def _read_steps(path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group('multihost')
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_exactly(tmp_path):
     """SIGTERM to process 1 only: JAX's preemption notifier (installed by jax.distributed.initialize)
     tells process 0 through the coordination service; both stop at the same sync step, write one complete
