@@ -19,6 +19,7 @@ from ml_collections import config_flags
 
 from ddpm_jax.errors import UserError
 from ddpm_jax import evaluation
+from ddpm_jax import host_memory
 from ddpm_jax import progress
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py).',
@@ -88,6 +89,7 @@ def main(argv) -> None:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     if _MODE.value not in MODES:
         raise app.UsageError(f'--mode={_MODE.value!r}; allowed: {sorted(MODES)}')
+    host_memory.keep_freed_memory()   # CPU-only runs: no page faults for XLA's per-step temporaries
     progress.quiet_libraries()
     sys.unraisablehook = _ignore_event_loop_noise(sys.unraisablehook)
     if _COORDINATOR.value is not None or _NUM_PROCESSES.value is not None or _PROCESS_ID.value is not None \

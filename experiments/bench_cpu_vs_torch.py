@@ -257,6 +257,8 @@ def worker_main(kind: str, spawned_at: float) -> None:
     out = sys.stdout
     sys.stdout = sys.stderr  # library chatter must not corrupt the protocol
     worker = None
+    from ddpm_jax import host_memory  # pylint: disable=g-import-not-at-top
+    host_memory.keep_freed_memory()   # both workers: ddpm_jax.main does it, and torch's large blocks fault alike
 
     def reply(message: dict) -> None:
         out.write(json.dumps(message) + '\n')
@@ -267,12 +269,16 @@ def worker_main(kind: str, spawned_at: float) -> None:
         try:
             if command['cmd'] == 'setup':
                 worker = (TorchWorker if kind == 'torch' else JaxWorker)(command['args'])
+                # On the initial weights, before any train step: even the warm-up's tiny learning rates move every
+                # weight by ~lr through Adam, differently on each side. Its time is not start-up: subtracted below.
+                check_began = time.time()
+                check = worker.check(check_inputs())
+                check_s = time.time() - check_began
                 first = {}
                 for work, batches in (('train', command['train_batches']), ('sample', command['sample_batches'])):
                     for batch in batches:  # warm-up (compilation on the JAX side), untimed
                         run_work(worker, work, batch, 1)
-                        first.setdefault(work, time.time() - spawned_at)
-                check = worker.check(check_inputs())  # after the warm-up: its compilation is not start-up
+                        first.setdefault(work, time.time() - spawned_at - check_s)
                 check_path = command['args']['weights'] + f'.{kind}_check.npy'
                 np.save(check_path, check['output'])
                 reply(dict(ok=True, params=worker.num_params(), loss=check['loss'], grad_norm=check['grad_norm'],

@@ -40,6 +40,8 @@ KINDS = ('cold', 'warm', 'off')
 def child(config_path: str, overrides: dict, cache_dir: str, spawned_at: float) -> dict:
     """Runs in the fresh process: phases from `spawned_at` (the parent's clock before spawning) to the first step."""
     marks = {'interpreter': time.time() - spawned_at}
+    from ddpm_jax import host_memory  # pylint: disable=g-import-not-at-top
+    host_memory.keep_freed_memory()   # as ddpm_jax.main does
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
 

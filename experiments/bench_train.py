@@ -59,7 +59,7 @@ if REPO_ROOT not in sys.path:
 import jax  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from ddpm_jax import compile_cache, config_files, parallel  # pylint: disable=wrong-import-position
+from ddpm_jax import compile_cache, config_files, host_memory, parallel  # pylint: disable=wrong-import-position
 from ddpm_jax import train  # pylint: disable=wrong-import-position
 
 DTYPES = ('float32', 'bfloat16')
@@ -487,6 +487,7 @@ def main(argv=None) -> dict:
                         help='print one table of earlier result files and exit')
     args = parser.parse_args(argv)
     began = time.perf_counter()
+    host_memory.keep_freed_memory()   # as ddpm_jax.main does (CPU-only runs)
     if args.summarize:
         summarize(args.summarize)
         return {}

@@ -15,7 +15,7 @@ PACKAGE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 LAYERS = {
     # 0: no package imports beyond this layer; torchscript is a numpy-only reader of torch archives.
     'errors': 0, 'config_files': 0, 'schedules': 0, 'parallel': 0, 'image_grid': 0, 'progress': 0,
-    'torchscript': 0, 'compile_cache': 0, 'rng_streams': 0, 'xla_cpu': 0,
+    'torchscript': 0, 'compile_cache': 0, 'rng_streams': 0, 'xla_cpu': 0, 'host_memory': 0,
     # 1: the diffusion core.
     'diffusion': 1, 'likelihood': 1,
     # 2: what is built on the core: losses, samplers, the score view.
