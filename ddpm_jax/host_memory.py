@@ -7,9 +7,11 @@ faults per step, each page zeroed by the kernel. `keep_freed_memory()` sets glib
 block from one heap and never return freed memory to the system: after the first step, no page faults, and the
 train step is ~3% (batch 8) to ~8% (batch 32) faster (experiments/PERF_NOTES.md, lever C15).
 
-The price: the process keeps its peak heap for its lifetime (what a training process needs anyway). It is applied
-only where JAX can use nothing but the CPU (no GPU or TPU plugin installed, or JAX_PLATFORMS=cpu), only with glibc,
-and `DDPM_JAX_MALLOC=default` in the environment leaves malloc as it is.
+The price: the process keeps its peak heap for its lifetime (what a training process needs anyway), and with one
+arena XLA's multi-threaded compiler contends for the heap: compiling is ~17% slower (digits train step 9.8 s
+instead of 8.3 s) and a warm start ~1-2 s longer. That pays off over a training run, so `ddpm_jax.main` applies it
+for --mode=train only. It is applied only where JAX can use nothing but the CPU (no GPU or TPU plugin installed,
+or JAX_PLATFORMS=cpu), only with glibc, and `DDPM_JAX_MALLOC=default` in the environment leaves malloc as it is.
 """
 import ctypes
 import importlib.util

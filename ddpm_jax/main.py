@@ -89,7 +89,8 @@ def main(argv) -> None:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
     if _MODE.value not in MODES:
         raise app.UsageError(f'--mode={_MODE.value!r}; allowed: {sorted(MODES)}')
-    host_memory.keep_freed_memory()   # CPU-only runs: no page faults for XLA's per-step temporaries
+    if _MODE.value == 'train':   # CPU-only runs: no page faults for XLA's per-step temporaries (host_memory)
+        host_memory.keep_freed_memory()
     progress.quiet_libraries()
     sys.unraisablehook = _ignore_event_loop_noise(sys.unraisablehook)
     if _COORDINATOR.value is not None or _NUM_PROCESSES.value is not None or _PROCESS_ID.value is not None \
