@@ -24,25 +24,20 @@ except ImportError:
     _UNROLLED_THREEFRY_RULE = None
 
 ENV_VAR = 'DDPM_JAX_THREEFRY'
-_applied = False
 
 
 def unroll_threefry() -> bool:
-    """Registers JAX's unrolled threefry2x32 lowering (its GPU/TPU default) for the CPU platform, once per process.
+    """Registers JAX's unrolled threefry2x32 lowering (its GPU/TPU default) for the CPU platform (again: no change).
 
     Returns True when the unrolled lowering is in place, False when this JAX version does not offer it or
     $DDPM_JAX_THREEFRY is 'rolled'.
     Affects functions lowered afterwards (a persistent-cache entry of the rolled form is simply not hit: the
     lowered module, hence the key, differs).
     """
-    global _applied
     if os.environ.get(ENV_VAR, 'unrolled') == 'rolled':
         return False
     if _UNROLLED_THREEFRY_RULE is None:
-        if not _applied:
-            logging.info('This JAX has no unrolled threefry2x32 lowering to register; keeping the rolled CPU one')
+        logging.info('This JAX has no unrolled threefry2x32 lowering to register; keeping the rolled CPU one')
         return False
-    if not _applied:
-        mlir.register_lowering(jex_random.threefry2x32_p, _UNROLLED_THREEFRY_RULE, platform='cpu')
-        _applied = True
+    mlir.register_lowering(jex_random.threefry2x32_p, _UNROLLED_THREEFRY_RULE, platform='cpu')
     return True

@@ -38,7 +38,7 @@ import bench_train  # pylint: disable=wrong-import-position  (config loading, de
 import jax  # pylint: disable=wrong-import-position,g-bad-import-order
 import numpy as np  # pylint: disable=wrong-import-position,g-bad-import-order
 
-from ddpm_jax import host_memory, parallel  # pylint: disable=wrong-import-position
+from ddpm_jax import parallel  # pylint: disable=wrong-import-position
 from ddpm_jax.models import params as params_lib  # pylint: disable=wrong-import-position
 from ddpm_jax.models import unet  # pylint: disable=wrong-import-position
 from ddpm_jax.evaluation import common  # pylint: disable=wrong-import-position
@@ -126,7 +126,6 @@ def main(argv=None) -> dict:
     parser.add_argument('--out', default=None, help='JSON result path')
     parser.add_argument('--smoke', action='store_true', help='tiny config, a few steps: seconds on a CPU')
     args = parser.parse_args(argv)
-    host_memory.keep_freed_memory()   # as ddpm_jax.main does (CPU-only runs)
 
     overrides = list(args.set)
     if args.smoke:

@@ -5,8 +5,8 @@
 
 Each measurement is a fresh Python process (`--child`) that does what `train.train` does before its first step:
 import ddpm_jax, build the mesh, the step-0 state (`train.create_train_state`; a fresh workdir has no checkpoint,
-so `train.train` builds no abstract state for a restore), the compiled step (`train.make_train_step`), and one step on a synthetic batch up
-to `block_until_ready`. The wall time runs from just before the process is spawned to that point (so the
+so `train.train` builds no abstract state for a restore), the compiled step (`train.make_train_step`), and one
+step on a synthetic batch up to `block_until_ready`. The wall time runs from just before the process is spawned to that point (so the
 interpreter start and the imports count), with the phases reported apart.
 
 Per round and case: `cold` uses a new, empty cache directory, `warm` the directory the cold run just filled

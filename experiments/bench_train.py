@@ -487,10 +487,10 @@ def main(argv=None) -> dict:
                         help='print one table of earlier result files and exit')
     args = parser.parse_args(argv)
     began = time.perf_counter()
-    host_memory.keep_freed_memory()   # as ddpm_jax.main does (CPU-only runs)
     if args.summarize:
         summarize(args.summarize)
         return {}
+    host_memory.keep_freed_memory()   # as `ddpm_jax.main --mode=train` does (CPU-only runs)
 
     overrides = list(args.set)
     if args.smoke:
