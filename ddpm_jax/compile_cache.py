@@ -21,6 +21,8 @@ from jax.experimental.compilation_cache import compilation_cache
 DEFAULT_DIR = '~/.cache/ddpm_jax/jax_cache'
 # Set by the test suite (tests/conftest.py) or a user to send every process, also subprocesses, to one cache.
 ENV_VAR = 'JAX_COMPILATION_CACHE_DIR'
+# JAX's own variable for the compile-time threshold; kept when set (the test suite sets it, see enable()).
+MIN_COMPILE_TIME_ENV_VAR = 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'
 MAX_BYTES = 8 * 1024 ** 3
 
 
@@ -40,9 +42,17 @@ def enable(configured: str = DEFAULT_DIR) -> Optional[str]:
     """Points JAX's persistent compilation cache at `resolve_dir(configured)` (or turns it off); returns the path.
 
     Caches every compiled function whatever its compile time or size (JAX's defaults skip compiles under
-    1 s, most of the small ones on a CPU). Best called before the first compilation of the process; a later
-    call reopens JAX's cache with the new settings.
+    1 s, most of the small ones on a CPU, which a warm start would then compile again), unless
+    $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS sets another threshold: the test suite keeps JAX's 1 s, since
+    writing thousands of tiny entries costs it more than compiling them again. Best called before the first
+    compilation of the process; a later call reopens JAX's cache with the new settings.
     """
+    min_compile_time = os.environ.get(MIN_COMPILE_TIME_ENV_VAR, '').strip()
+    try:
+        min_compile_time_s = float(min_compile_time) if min_compile_time else 0.0
+    except ValueError:
+        raise ValueError(f'${MIN_COMPILE_TIME_ENV_VAR}={min_compile_time!r} is not a number of seconds; unset it '
+                         'to cache every compile') from None
     path = resolve_dir(configured)
     compilation_cache.reset_cache()
     if path is None:
@@ -59,7 +69,7 @@ def enable(configured: str = DEFAULT_DIR) -> Optional[str]:
                       ) from error
     jax.config.update('jax_enable_compilation_cache', True)
     jax.config.update('jax_compilation_cache_dir', path)
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', min_compile_time_s)
     jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)  # -1: no size threshold, no override
     jax.config.update('jax_compilation_cache_max_size', MAX_BYTES)      # also turns on the file lock
     return path

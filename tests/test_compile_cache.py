@@ -71,11 +71,32 @@ def test_resolve_dir(monkeypatch, tmp_path):
     assert compile_cache.resolve_dir('') is None                       # ... but '' still turns the cache off
 
 
+def test_threshold_is_zero_unless_the_jax_variable_sets_one(monkeypatch):
+    import jax
+    shared = os.environ[compile_cache.ENV_VAR]   # the suite's cache (conftest.py); the environment keeps it
+    try:
+        for value, want in (('', 0.0), ('2.5', 2.5), (' 0 ', 0.0)):
+            monkeypatch.setenv(compile_cache.MIN_COMPILE_TIME_ENV_VAR, value)
+            assert compile_cache.enable('~/elsewhere') == shared
+            assert jax.config.jax_persistent_cache_min_compile_time_secs == want
+        monkeypatch.delenv(compile_cache.MIN_COMPILE_TIME_ENV_VAR)
+        compile_cache.enable('~/elsewhere')
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
+        monkeypatch.setenv(compile_cache.MIN_COMPILE_TIME_ENV_VAR, 'one second')
+        with pytest.raises(ValueError, match=r"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='one second' is not a "):
+            compile_cache.enable('~/elsewhere')
+    finally:
+        monkeypatch.undo()           # the suite's threshold back, then the cache as conftest.py set it up
+        compile_cache.enable(shared)
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == float(
+        os.environ[compile_cache.MIN_COMPILE_TIME_ENV_VAR])
+
+
 @pytest.mark.slow
 def test_second_process_loads_everything_and_computes_the_same(tmp_path):
     """Two concurrent cold processes share an empty cache (the second finds it through the environment variable,
-    which overrides the default directory); a third compiles nothing; a fourth with '' uses no cache; all four
-    compute the same loss and gradient norm."""
+    which overrides the default directory); then, also side by side, a third compiles nothing and a fourth with ''
+    uses no cache; all four compute the same loss and gradient norm."""
     cache = str(tmp_path / 'cache')
     first, second = [_finish(p) for p in [_start(cache),
                                           _start(compile_cache.DEFAULT_DIR, **{compile_cache.ENV_VAR: cache})]]
@@ -83,10 +104,9 @@ def test_second_process_loads_everything_and_computes_the_same(tmp_path):
         assert cold['path'] == cache and cold['misses'] >= 2, cold  # at least the initialiser and the step
     entries = [name for name in os.listdir(cache) if name.endswith('-cache')]
     assert len(entries) >= 2
-    warm = _finish(_start(cache))
-    assert warm['misses'] == 0 and warm['hits'] >= 2, warm
     before = sorted(os.listdir(cache))
-    off = _finish(_start(''))
+    warm, off = [_finish(p) for p in [_start(cache), _start('')]]   # concurrent: neither may write an entry
+    assert warm['misses'] == 0 and warm['hits'] >= 2, warm
     assert off['path'] is None and off['hits'] == off['misses'] == 0, off
     assert sorted(os.listdir(cache)) == before
     for run in (second, warm, off):

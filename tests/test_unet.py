@@ -435,7 +435,8 @@ def test_subpixel_upsample_keeps_init_and_gradients():
     # and gradients as the official order up to summation order, dropout on.
     kwargs = dict(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.3)
     x, t = jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,), jnp.int32)
-    init = [UNet(**kwargs, upsample=impl).init(jax.random.key(3), x, t, train=False) for impl in UPSAMPLE]
+    init = [jax.jit(functools.partial(UNet(**kwargs, upsample=impl).init, train=False))(jax.random.key(3), x, t)
+            for impl in UPSAMPLE]   # jit: one compile, not one per operation
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), *init)
     rng = np.random.default_rng(12)
     with jax.enable_x64(True):
