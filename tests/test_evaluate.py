@@ -279,7 +279,7 @@ def inception_archive(tmp_path_factory):
 
 def _fid_config(config, weights_path, stats_dir):
     config = config.copy_and_resolve_references()
-    config.sampling.num_samples = 20   # 5 sampler batches; 3 Inception chunks of 8 (the last one padded)
+    config.sampling.num_samples = 12   # 3 sampler batches; 2 Inception chunks of 8 (the last one padded)
     config.eval.inception_weights = weights_path
     config.eval.fid_stats_dir = stats_dir
     config.eval.fid_batch_size = 8
@@ -307,7 +307,7 @@ def test_fid_mode_matches_direct_computation_and_caches_references(run, inceptio
     result = evaluation.get('fid')(config, workdir)
     assert sorted(reference_calls) == ['test', 'train']
     assert sorted(opened) == ['test', 'train']   # each split opened once, for its batches and its progress total
-    for line in ('Inception on the samples: 20/20 images (100.0%)', 'Inception on the train split: 8/8 images',
+    for line in ('Inception on the samples: 12/12 images (100.0%)', 'Inception on the train split: 8/8 images',
                  'Inception on the test split: 8/8 images'):  # progress lines of the Inception passes
         assert line in caplog.text
     with open(os.path.join(os.path.dirname(samples_path), 'fid.json')) as f:
@@ -316,7 +316,7 @@ def test_fid_mode_matches_direct_computation_and_caches_references(run, inceptio
 
     # Direct computation: the Flax params as generated (not read back), one forward of all the images, numpy stats.
     samples = np.load(samples_path)['samples']
-    assert samples.shape == (20, 8, 8, 1)
+    assert samples.shape == (12, 8, 8, 1)
     sets = {'samples': samples.astype(np.float32) / np.float32(127.5) - np.float32(1.0)}
     for role in ('train', 'test'):
         sets[role] = data.to_model_range(data.load_source(config, role)[np.arange(FID_REFERENCE_IMAGES)])
@@ -331,7 +331,7 @@ def test_fid_mode_matches_direct_computation_and_caches_references(run, inceptio
     for role in ('train', 'test'):
         want = fid.frechet_distance(*stats['samples'], *stats[role])
         # Two float32 compilations of the ~100-layer network (chunks of 8 vs one batch) round differently
-        # (~1e-6 of the features); with 8-20 images in 2048 dims the distance is that sensitive only to ~1e-5.
+        # (~1e-6 of the features); with 8-12 images in 2048 dims the distance is that sensitive only to ~1e-5.
         np.testing.assert_allclose(result[f'fid_{role}'], want, rtol=1e-4)
         assert result['reference'][role]['num_images'] == FID_REFERENCE_IMAGES
         assert result['reference'][role]['split'] == role
@@ -339,7 +339,7 @@ def test_fid_mode_matches_direct_computation_and_caches_references(run, inceptio
     assert result['inception_score_splits'] == 10
     np.testing.assert_allclose([result['inception_score'], result['inception_score_std']], [want_score, want_std],
                                rtol=1e-4)
-    assert result['num_samples'] == 20 and result['inception_weights'] == os.path.abspath(weights_path)
+    assert result['num_samples'] == 12 and result['inception_weights'] == os.path.abspath(weights_path)
     assert result['step'] == 7 and len(result['inception_weights_sha256']) == 64
 
     # Second run: the reference statistics come from the cache (no data read); same numbers.
@@ -353,7 +353,7 @@ def test_fid_mode_matches_direct_computation_and_caches_references(run, inceptio
 
     # Samples no longer matching config.sampling.num_samples are refused.
     config.sampling.num_samples = 24
-    with pytest.raises(ValueError, match='holds 20 samples, not config.sampling.num_samples=24'):
+    with pytest.raises(ValueError, match='holds 12 samples, not config.sampling.num_samples=24'):
         evaluation.get('fid')(config, workdir)
 
 
