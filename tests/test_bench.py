@@ -194,6 +194,7 @@ def test_bad_arguments_raise_value_errors():
         bench_train.load_config('configs/absent.py', [])
 
 
+@pytest.mark.slow
 def test_train_step_donates_the_state_unless_told_not_to():
     """donate_state=True deletes the input state's buffers, False keeps them; the new states are bitwise equal."""
     overrides = [f'{key}={value!r}' for key, value in bench_train.SMOKE_OVERRIDES.items()]

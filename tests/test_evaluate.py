@@ -287,6 +287,7 @@ def _fid_config(config, weights_path, stats_dir):
     return config
 
 
+@pytest.mark.slow
 def test_fid_mode_matches_direct_computation_and_caches_references(run, inception_archive, tmp_path, monkeypatch,
                                                                    caplog):
     from ddpm_jax import fid
@@ -472,6 +473,7 @@ def test_jsd_eps_evaluation_is_refused(run):
             evaluation.get(mode)(jsd, workdir)
 
 
+@pytest.mark.slow
 def test_every_mode_logs_progress_lines(run, tmp_path, caplog):
     config, workdir, _ = run
     config = config.copy_and_resolve_references()

@@ -515,6 +515,7 @@ def test_param_count_matches_default_1():
     assert with_fc['fc']['kernel'].shape == (2048, 1008)
 
 
+@pytest.mark.slow
 def test_network_loaded_from_pytorch_fid_archive_matches_reference(tmp_path, random_weights):
     state, _ = random_weights
     path = str(tmp_path / 'pt_inception.pth')

@@ -251,6 +251,7 @@ def smoke_run(tmp_path_factory):
         return process.stdout, json.load(f), out_dir
 
 
+@pytest.mark.slow
 def test_smoke_profiles_add_up_and_attribute_every_event(smoke_run):
     output, result, out_dir = smoke_run
     assert result['benchmark'] == 'profile' and result['smoke'] and result['device']['platform'] == 'cpu'

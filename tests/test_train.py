@@ -91,6 +91,7 @@ def test_resume_is_bitwise_identical(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_steps_per_dispatch_matches_single_steps(tmp_path):
     """Three steps in one dispatch (lax.scan) equal three dispatched steps."""
     single = train.train(multihost_worker.tiny_config(**{'training.num_train_steps': 3}), str(tmp_path / 'a'))

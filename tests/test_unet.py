@@ -370,6 +370,7 @@ def test_attention_switch_rejects_bad_values():
         jax.eval_shape(lambda: UNet(**TINY, attention='cudnn').init(jax.random.key(0), x, t, train=False))
 
 
+@pytest.mark.slow
 def test_remat_keeps_loss_and_gradients():
     # One level with attention at 8x8 (down, mid and up attention blocks) keeps the two compilations short;
     # dropout on: remat must replay the same masks in the recomputation.
@@ -430,6 +431,7 @@ def test_subpixel_upsample_conv_matches_repeat_then_conv_float64(height, width):
     np.testing.assert_allclose(out, reference, rtol=0, atol=1e-13 * np.abs(reference).max())
 
 
+@pytest.mark.slow
 def test_subpixel_upsample_keeps_init_and_gradients():
     # Same parameters from the same key (names, shapes and init order as nn.Conv), and in float64 the same loss
     # and gradients as the official order up to summation order, dropout on.
