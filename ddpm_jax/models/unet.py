@@ -14,8 +14,8 @@ Speed switches (they change neither the parameters nor, beyond rounding, the out
 * `attention`: how AttnBlock computes softmax(q k^T / sqrt(C)) v; see `ATTENTION_IMPLS`.
 * `remat`: rematerialise every ResnetBlock and AttnBlock (`nn.remat`): their activations are recomputed in
   the backward pass instead of being stored, trading about one more forward pass for activation memory.
-* `fast_variance`: GroupNorm variance as E[x^2] - E[x]^2 (one pass over the activation, both sums in one
-  reduction) instead of the official two-pass E[(x - E[x])^2] (a second read of the activation after the mean).
+* `fast_variance`: GroupNorm variance as E[x^2] - E[x]^2 (both sums computed independently) instead of the
+  official two-pass E[(x - E[x])^2] (a second sum over the activation once the mean is known).
   Both in float32; they differ by float32 rounding unless |mean| >> std within a group.
 * `upsample`: how `Upsample` computes the official nearest-neighbour x2 followed by a 3x3 conv; see
   `UPSAMPLE_IMPLS`. 'subpixel' (default) does the same sums on the low-resolution input with 16 instead of
@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from ddpm_jax import config_files, diffusion
+from ddpm_jax.models.group_norm import GroupNorm
 
 Dtype = Any
 
@@ -114,17 +115,17 @@ def get_timestep_embedding(timesteps: jax.Array, embedding_dim: int, dtype: Dtyp
     return emb
 
 
-def _group_norm(name: str, *, dtype: Dtype, param_dtype: Dtype, fast_variance: bool = False) -> nn.GroupNorm:
+def _group_norm(name: str, *, dtype: Dtype, param_dtype: Dtype, fast_variance: bool = False) -> GroupNorm:
     """The official `normalize`: GroupNorm, 32 groups, eps 1e-6, in >= float32; two-pass variance (as TF)
-    unless `fast_variance` (one pass, E[x^2] - E[x]^2).
+    unless `fast_variance` (one pass, E[x^2] - E[x]^2). ddpm_jax/models/group_norm.py says how it is summed.
 
     Apply it to x: [B, H, W, C] already cast to `promote_types(dtype, float32)`; see `_normalize`.
     """
-    return nn.GroupNorm(num_groups=32, epsilon=1e-6, use_fast_variance=fast_variance, dtype=_float_dtype(dtype),
-                        param_dtype=param_dtype, name=name)
+    return GroupNorm(num_groups=32, epsilon=1e-6, fast_variance=fast_variance, dtype=_float_dtype(dtype),
+                     param_dtype=param_dtype, name=name)
 
 
-def _normalize(norm: nn.GroupNorm, x: jax.Array) -> jax.Array:
+def _normalize(norm: GroupNorm, x: jax.Array) -> jax.Array:
     """x: [B, H, W, C] -> GroupNorm(x) in >= float32 (statistics never in bfloat16)."""
     return norm(x.astype(norm.dtype))
 
