@@ -556,36 +556,64 @@ def _union_ns(events: Iterable[Event]) -> float:
     return total
 
 
+def wall_shares_ns(events: list) -> list:
+    """Each event's share of the wall time: every instant of the trace split evenly among the events running
+    then (so the shares add up to the union of the intervals). On XLA:CPU independent thunks run concurrently on
+    the cores, and two convolutions that overlap each take about twice as long: summed durations then
+    overstate them, shares do not. `events` of one device."""
+    boundaries = sorted({e.start_ns for e in events} | {e.start_ns + e.duration_ns for e in events})
+    index = {t: i for i, t in enumerate(boundaries)}
+    starts, stops = collections.defaultdict(list), collections.defaultdict(list)
+    for i, event in enumerate(events):
+        starts[index[event.start_ns]].append(i)
+        stops[index[event.start_ns + event.duration_ns]].append(i)
+    shares, running = [0.0] * len(events), set()
+    for k, t in enumerate(boundaries):
+        running.difference_update(stops[k])
+        running.update(i for i in starts[k] if events[i].duration_ns > 0)
+        if running and k + 1 < len(boundaries):
+            share = (boundaries[k + 1] - t) / len(running)
+            for i in running:
+                shares[i] += share
+    return shares
+
+
 def summarize_events(events: list, report: dict, module: HloModule, *, steps: int, top: int = 15) -> dict:
     """Per-category and per-instruction device time per step (ms) of the counted events.
 
     Returns dict(kernel_ms_per_step (the sum; categories add up to it), busy_ms_per_step (interval union),
-    categories [{category, ms_per_step, percent, events_per_step, gflop_per_step, tflop_s}] (largest first),
-    top_ops [{instruction, category, opcode, target, ms_per_step, percent, events_per_step, op_name}],
+    categories [{category, ms_per_step, wall_share_ms_per_step (`wall_shares_ns`; they add up to the busy
+    time), percent, events_per_step, gflop_per_step, tflop_s}] (largest first), top_ops [{instruction, category,
+    opcode, target, ms_per_step, wall_share_ms_per_step, percent, events_per_step, op_name}],
     events {counted, by_attribution, skipped, containers}).
     """
     kernel_names = {_sanitized(name): instruction for name, instruction in module.instructions.items()}
-    per_category = collections.defaultdict(lambda: dict(ns=0.0, events=0, instructions=set()))
-    per_instruction = collections.defaultdict(lambda: dict(ns=0.0, events=0))
+    per_category = collections.defaultdict(lambda: dict(ns=0.0, share_ns=0.0, events=0, instructions=set()))
+    per_instruction = collections.defaultdict(lambda: dict(ns=0.0, share_ns=0.0, events=0))
     by_attribution = collections.Counter()
     scale = 1e-6 / steps / max(1, report['devices'])  # ns summed over the trace -> ms per step per device
+    shares = {}
+    for plane in {e.plane for e in events}:  # each device's time is shared among its own events only
+        on_plane = [e for e in events if e.plane == plane]
+        shares.update(zip(map(id, on_plane), wall_shares_ns(on_plane)))
     for event in events:
+        share_ns = shares[id(event)]
         category, instruction, how = attribute(event, module, kernel_names)
         by_attribution[how] += 1
-        entry = per_category[category]
-        entry['ns'] += event.duration_ns
-        entry['events'] += 1
         key = instruction.name if instruction is not None else f'[{event.name[:60]}]'
         if instruction is not None:
-            entry['instructions'].add(instruction.name)
-        per_instruction[(key, category)]['ns'] += event.duration_ns
-        per_instruction[(key, category)]['events'] += 1
+            per_category[category]['instructions'].add(instruction.name)
+        for entry in (per_category[category], per_instruction[(key, category)]):
+            entry['ns'] += event.duration_ns
+            entry['share_ns'] += share_ns
+            entry['events'] += 1
     kernel_ns = sum(entry['ns'] for entry in per_category.values())
     categories = []
     for category, entry in sorted(per_category.items(), key=lambda item: -item[1]['ns']):
         flops = sum(instruction_flops(module, module.instructions[name]) for name in entry['instructions'])
         ms = entry['ns'] * scale
-        categories.append(dict(category=category, ms_per_step=ms, percent=100.0 * entry['ns'] / kernel_ns,
+        categories.append(dict(category=category, ms_per_step=ms, wall_share_ms_per_step=entry['share_ns'] * scale,
+                               percent=100.0 * entry['ns'] / kernel_ns,
                                events_per_step=entry['events'] / steps / max(1, report['devices']),
                                gflop_per_step=flops / 1e9 if flops else None,
                                tflop_s=flops / (ms / 1e3) / 1e12 if flops and ms > 0 else None))
@@ -595,7 +623,8 @@ def summarize_events(events: list, report: dict, module: HloModule, *, steps: in
         top_ops.append(dict(instruction=key, category=category,
                             opcode=instruction.opcode if instruction else '',
                             target=(instruction.custom_call_target or instruction.fusion_kind) if instruction else '',
-                            ms_per_step=entry['ns'] * scale, percent=100.0 * entry['ns'] / kernel_ns,
+                            ms_per_step=entry['ns'] * scale, wall_share_ms_per_step=entry['share_ns'] * scale,
+                            percent=100.0 * entry['ns'] / kernel_ns,
                             events_per_step=entry['events'] / steps / max(1, report['devices']),
                             op_name=instruction.op_name if instruction else ''))
     return dict(kernel_ms_per_step=kernel_ns * scale, busy_ms_per_step=_union_ns(events) * scale,
@@ -707,12 +736,14 @@ def format_profile(section: dict) -> str:
     unit = 'train step' if section['what'] == 'train' else 'sampling step (network evaluation)'
     out = [f"## {section['what']}: batch {section['batch_size']}, {section['steps']} profiled steps, "
            f"module {section['module']} ({section['source']}, {section['devices']} device(s))", '',
-           f'| category | ms / {unit} | % of kernel time | events / step | GFLOP / step | TFLOP/s |',
-           '|---|---|---|---|---|---|']
+           f'| category | ms / {unit} | wall share, ms | % of kernel time | events / step | GFLOP / step | TFLOP/s |',
+           '|---|---|---|---|---|---|---|']
     for c in section['categories']:
-        out.append(f"| {c['category']} | {_fmt(c['ms_per_step'], 3)} | {_fmt(c['percent'], 1)} | "
+        out.append(f"| {c['category']} | {_fmt(c['ms_per_step'], 3)} | {_fmt(c.get('wall_share_ms_per_step'), 1)} | "
+                   f"{_fmt(c['percent'], 1)} | "
                    f"{_fmt(c['events_per_step'], 1)} | {_fmt(c['gflop_per_step'], 2)} | {_fmt(c['tflop_s'], 1)} |")
-    out.append(f"| **total kernel time** | **{_fmt(section['kernel_ms_per_step'], 3)}** | 100.0 | "
+    out.append(f"| **total kernel time** | **{_fmt(section['kernel_ms_per_step'], 3)}** | "
+               f"{_fmt(section['busy_ms_per_step'], 1)} (busy) | 100.0 | "
                f"{_fmt(section['events']['counted'] / section['steps'] / max(1, section['devices']), 1)} | "
                f"{_fmt(section['xla_gflop_per_step'], 2)} (XLA) | {_fmt(section['xla_tflop_s_of_kernel_time'], 1)} |")
     out += ['', f"busy (union of event intervals) {_fmt(section['busy_ms_per_step'], 3)} ms / step, wall "
@@ -720,11 +751,12 @@ def format_profile(section: dict) -> str:
             f" untraced): busy fraction {_fmt(section['busy_fraction'], 3)}; events "
             f"{section['events']['by_attribution']}, containers not summed "
             f"{sum(section['events']['containers'].values())}", '',
-            '| # | instruction | category | opcode / target | ms / step | % | events / step | op_name |',
-            '|---|---|---|---|---|---|---|---|']
+            '| # | instruction | category | opcode / target | ms / step | wall share, ms | % | events / step | op_name |',
+            '|---|---|---|---|---|---|---|---|---|']
     for i, op in enumerate(section['top_ops'], 1):
         opcode = op['opcode'] + (f" {op['target']}" if op['target'] else '')
         out.append(f"| {i} | {op['instruction']} | {op['category']} | {opcode} | {_fmt(op['ms_per_step'], 3)} | "
+                   f"{_fmt(op.get('wall_share_ms_per_step'), 1)} | "
                    f"{_fmt(op['percent'], 1)} | {_fmt(op['events_per_step'], 1)} | {op['op_name'][-110:]} |")
     return '\n'.join(out)
 

@@ -1,9 +1,11 @@
-"""Tests of the CPU benchmark scripts' own logic (experiments/bench_cpu_vs_torch.py, bench_startup.py, ab_cpu.py).
+"""Tests of the CPU benchmark scripts' own logic (experiments/bench_cpu_vs_torch.py, bench_startup.py, ab_cpu.py,
+ab_in_process.py).
 
 torch and diffusers are optional extras of the benchmark: nothing here imports them. What is checked: the
 diffusion tables the PyTorch side computes with equal ddpm_jax's (so both sides do the same sampling and
 training arithmetic), and the summaries (medians, ranges, per-round ratios) on hand-made runs.
 """
+import json
 import os
 import sys
 
@@ -13,8 +15,10 @@ import pytest
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO_ROOT, 'experiments'))
 import ab_cpu  # pylint: disable=wrong-import-position
+import ab_in_process  # pylint: disable=wrong-import-position
 import bench_cpu_vs_torch  # pylint: disable=wrong-import-position
 import bench_startup  # pylint: disable=wrong-import-position
+import subprocess_helpers  # pylint: disable=wrong-import-position
 
 from ddpm_jax import config_files, diffusion  # pylint: disable=wrong-import-position
 
@@ -75,3 +79,39 @@ def test_ab_variant_parsing():
     assert (name, env, extra) == ('x', {'XLA_FLAGS': '--a=1 --b=2'}, ['--set', 'model.fast_variance=True'])
     with pytest.raises(SystemExit, match='NAME=WORDS'):
         ab_cpu.parse_variant('no_equals_sign')
+
+
+def test_in_process_ab_parses_compile_options_and_config_overrides():
+    assert ab_in_process.parse_variant('base=') == ('base', {}, [])
+    name, options, overrides = ab_in_process.parse_variant(
+        'x=xla_cpu_prefer_vector_width=512,xla_cpu_enable_fast_math=False model.fast_variance=True')
+    assert (name, overrides) == ('x', ['model.fast_variance=True'])
+    assert options == {'xla_cpu_prefer_vector_width': '512', 'xla_cpu_enable_fast_math': False}
+    for bad in ('no_equals_sign', '=x', 'x=model.fast_variance'):
+        with pytest.raises(ValueError, match='--variant'):
+            ab_in_process.parse_variant(bad)
+
+
+@pytest.mark.slow
+def test_in_process_ab_smoke_run(tmp_path):
+    # Two variants of the tiny config in one subprocess, the second with a compile option that leaves the
+    # arithmetic alone (same first loss); every round times both.
+    out = tmp_path / 'ab.json'
+    env = {key: value for key, value in os.environ.items() if key != 'XLA_FLAGS'}
+    env.update(JAX_PLATFORMS='cpu', PYTHONPATH=REPO_ROOT)
+    process = subprocess_helpers.run(
+        [sys.executable, os.path.join(REPO_ROOT, 'experiments', 'ab_in_process.py'), '--smoke', '--rounds=2',
+         '--variant=base=', '--variant=sched=xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED',
+         f'--out={out}'], cwd=REPO_ROOT, env=env)
+    assert process.returncode == 0, process.stderr[-3000:]
+    with open(out) as f:
+        result = json.load(f)
+    rows = {row['variant']: row for row in result['rows']}
+    assert list(rows) == ['base', 'sched'] and result['smoke'] and result['rounds'] == 2
+    assert rows['sched']['compile_options'] == {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
+    assert rows['sched']['first_loss'] == rows['base']['first_loss']   # a schedule does not change the arithmetic
+    for row in rows.values():
+        assert len(row['step_ms']) == 2 and all(t > 0 for t in row['step_ms'])
+        assert row['step_ms_min'] <= row['step_ms_median'] <= row['step_ms_max']
+    assert rows['base']['ratio_to_first'] == [1.0, 1.0]
+    assert '| sched |' in process.stdout and '| variant | ms / step' in process.stdout

@@ -268,6 +268,8 @@ def test_smoke_profiles_add_up_and_attribute_every_event(smoke_run):
         assert set(categories) <= set(ps.CATEGORIES)  # the CPU trace is fully attributed by hlo_op
         assert profile['events']['by_attribution'] == {'hlo_op': profile['events']['counted']}
         assert 0 < profile['busy_ms_per_step'] <= profile['kernel_ms_per_step'] * (1 + 1e-9)
+        shares = sum(c['wall_share_ms_per_step'] for c in profile['categories'])
+        assert shares == pytest.approx(profile['busy_ms_per_step'], rel=1e-9)
         assert profile['wall_ms_per_step'] > 0 and profile['busy_fraction'] > 0
         assert profile['xla_gflop_per_step'] > 0 and len(profile['top_ops']) == 15
         assert f"## {profile['what']}: batch 8, 2 profiled steps" in output
@@ -280,4 +282,27 @@ def test_smoke_profiles_add_up_and_attribute_every_event(smoke_run):
     assert ps.OPTIMIZER not in {c['category'] for c in sample['categories']}
     # The sampler's fori_loop thunk encloses its body's events: it is reported, not summed.
     assert any(name.startswith('while') for name in sample['events']['containers'])
-    assert '| category | ms / train step | % of kernel time |' in output and '**total kernel time**' in output
+    assert '| category | ms / train step | wall share, ms | % of kernel time |' in output
+    assert '**total kernel time**' in output
+
+
+def test_wall_shares_split_overlapping_time_evenly():
+    # Three events on one device: a [0, 100), b [50, 150), c [120, 130), and a zero-length d at 60.
+    # [0, 50): a alone; [50, 100): a and b; [100, 120): b; [120, 130): b and c; [130, 150): b.
+    def event(name, start, duration):
+        return ps.Event('/host:CPU', 'tf_XLAEigen/1', name, float(start), float(duration), name, 'm')
+    events = [event('a', 0, 100), event('b', 50, 100), event('c', 120, 10), event('d', 60, 0)]
+    assert ps.wall_shares_ns(events) == [50 + 25, 25 + 20 + 5 + 20, 5, 0]
+    assert sum(ps.wall_shares_ns(events)) == ps._union_ns(events) == 150
+
+
+def test_summary_reports_wall_shares_per_device(gpu_module):
+    # The fake GPU trace: only the memcpy on the second stream overlaps a kernel (the wgrad kernel, by 10 ns),
+    # so the categories' wall shares equal their durations except those two, which split the 10 ns.
+    events, report = ps.collect_events(_fake_gpu_profile(), gpu_module)
+    summary = ps.summarize_events(events, report, gpu_module, steps=2)
+    shares = {c['category']: round(c['wall_share_ms_per_step'] * 1e6, 9) for c in summary['categories']}
+    assert shares[ps.CONV_BACKWARD_FILTER] == 195 and shares[ps.UNATTRIBUTED + 'MemcpyH2D'] == 10
+    assert shares[ps.CONV_FORWARD] == 100 and shares[ps.NORM_ACTIVATION] == 50
+    assert sum(shares.values()) == pytest.approx(summary['busy_ms_per_step'] * 1e6, rel=1e-12)
+    assert summary['top_ops'][0]['wall_share_ms_per_step'] * 1e6 == pytest.approx(195, rel=1e-12)
