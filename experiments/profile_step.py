@@ -582,8 +582,8 @@ def summarize_events(events: list, report: dict, module: HloModule, *, steps: in
     """Per-category and per-instruction device time per step (ms) of the counted events.
 
     Returns dict(kernel_ms_per_step (the sum; categories add up to it), busy_ms_per_step (interval union),
-    categories [{category, ms_per_step, wall_share_ms_per_step (`wall_shares_ns`; they add up to the busy
-    time), percent, events_per_step, gflop_per_step, tflop_s}] (largest first), top_ops [{instruction, category,
+    categories [{category, ms_per_step, wall_share_ms_per_step (`wall_shares_ns` per device; on one device they
+    add up to the busy time), percent, events_per_step, gflop_per_step, tflop_s}] (largest first), top_ops [{instruction, category,
     opcode, target, ms_per_step, wall_share_ms_per_step, percent, events_per_step, op_name}],
     events {counted, by_attribution, skipped, containers}).
     """
