@@ -96,21 +96,37 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     Returns:
       The distance (a Python float, >= 0 up to rounding).
     """
-    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    return frechet_distance_from(mu1, sigma1)(mu2, sigma2)
+
+
+def frechet_distance_from(mu1: np.ndarray, sigma1: np.ndarray) -> Callable[[np.ndarray, np.ndarray], float]:
+    """`frechet_distance(mu1, sigma1, mu2, sigma2)` as a function of (mu2, sigma2), with S1^1/2 computed once:
+    the distances of one sample set to several references (the train and the test split) share it."""
+    mu1, sigma1 = np.asarray(mu1, np.float64), np.asarray(sigma1, np.float64)
     dim = mu1.shape[0] if mu1.ndim == 1 else -1
-    if mu1.shape != (dim,) or mu2.shape != (dim,) or sigma1.shape != (dim, dim) or sigma2.shape != (dim, dim):
-        raise ValueError(f'Expected means [d] and covariances [d, d] of one d; got mu1 {mu1.shape}, '
-                         f'sigma1 {sigma1.shape}, mu2 {mu2.shape}, sigma2 {sigma2.shape}.')
-    for name, value in (('mu1', mu1), ('sigma1', sigma1), ('mu2', mu2), ('sigma2', sigma2)):
+    _check_gaussian(mu1, sigma1, dim, '1')
+    sqrt_sigma1 = _psd_sqrt(sigma1)
+
+    def distance_to(mu2: np.ndarray, sigma2: np.ndarray) -> float:
+        mu2, sigma2 = np.asarray(mu2, np.float64), np.asarray(sigma2, np.float64)
+        _check_gaussian(mu2, sigma2, dim, '2')
+        product = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
+        eigenvalues = np.linalg.eigvalsh((product + product.T) / 2)
+        trace_sqrt = np.sum(np.sqrt(np.clip(eigenvalues, 0.0, None)))
+        diff = mu1 - mu2
+        return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
+
+    return distance_to
+
+
+def _check_gaussian(mu: np.ndarray, sigma: np.ndarray, dim: int, index: str) -> None:
+    """mu [dim] and sigma [dim, dim], finite; else a ValueError naming mu<index> / sigma<index>."""
+    if dim < 0 or mu.shape != (dim,) or sigma.shape != (dim, dim):
+        raise ValueError(f'Expected means [d] and covariances [d, d] of one d; got mu{index} {mu.shape}, '
+                         f'sigma{index} {sigma.shape}' + (f' (d = {dim} from mu1).' if dim >= 0 else '.'))
+    for name, value in ((f'mu{index}', mu), (f'sigma{index}', sigma)):
         if not np.all(np.isfinite(value)):
             raise ValueError(f'{name} has non-finite entries.')
-    sqrt_sigma1 = _psd_sqrt(sigma1)
-    product = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
-    eigenvalues = np.linalg.eigvalsh((product + product.T) / 2)
-    trace_sqrt = np.sum(np.sqrt(np.clip(eigenvalues, 0.0, None)))
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
 
 
 def fid_from_stats(stats1: Stats, stats2: Stats) -> float:

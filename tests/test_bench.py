@@ -20,6 +20,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = os.path.join(REPO_ROOT, 'experiments')
 sys.path.insert(0, EXPERIMENTS)
 import bench_train  # pylint: disable=wrong-import-position
+import multihost_worker  # pylint: disable=wrong-import-position
 import subprocess_helpers  # pylint: disable=wrong-import-position
 
 from ddpm_jax import parallel, train  # pylint: disable=wrong-import-position
@@ -196,12 +197,12 @@ def test_bad_arguments_raise_value_errors():
 
 @pytest.mark.slow
 def test_train_step_donates_the_state_unless_told_not_to():
-    """donate_state=True deletes the input state's buffers, False keeps them; the new states are bitwise equal."""
-    overrides = [f'{key}={value!r}' for key, value in bench_train.SMOKE_OVERRIDES.items()]
-    config, _ = bench_train.load_config('configs/cifar10.py', overrides + ['model.attn_resolutions=()',
-                                                                          'training.batch_size=2'])
+    """donate_state=True deletes the input state's buffers, False keeps them; the new states are bitwise equal.
+    (The tests' tiny config: its donating step is the default one, which other tests compile too.)"""
+    config = multihost_worker.tiny_config()
     mesh = parallel.make_mesh()
-    batches = parallel.shard_batch(bench_train.synthetic_batches(config, 1, 2), mesh, batch_axis=1)
+    batches = parallel.shard_batch(bench_train.synthetic_batches(config, 1, config.training.batch_size), mesh,
+                                   batch_axis=1)
     results = {}
     for donate_state in (False, True):
         state = train.create_train_state(config, mesh)

@@ -95,8 +95,8 @@ def test_threshold_is_zero_unless_the_jax_variable_sets_one(monkeypatch):
 @pytest.mark.slow
 def test_second_process_loads_everything_and_computes_the_same(tmp_path):
     """Two concurrent cold processes share an empty cache (the second finds it through the environment variable,
-    which overrides the default directory); then, also side by side, a third compiles nothing and a fourth with ''
-    uses no cache; all four compute the same loss and gradient norm."""
+    which overrides the default directory); then a third compiles nothing; all three compute the same loss and
+    gradient norm."""
     cache = str(tmp_path / 'cache')
     first, second = [_finish(p) for p in [_start(cache),
                                           _start(compile_cache.DEFAULT_DIR, **{compile_cache.ENV_VAR: cache})]]
@@ -105,12 +105,44 @@ def test_second_process_loads_everything_and_computes_the_same(tmp_path):
     entries = [name for name in os.listdir(cache) if name.endswith('-cache')]
     assert len(entries) >= 2
     before = sorted(os.listdir(cache))
-    warm, off = [_finish(p) for p in [_start(cache), _start('')]]   # concurrent: neither may write an entry
+    warm = _finish(_start(cache))
     assert warm['misses'] == 0 and warm['hits'] >= 2, warm
-    assert off['path'] is None and off['hits'] == off['misses'] == 0, off
-    assert sorted(os.listdir(cache)) == before
-    for run in (second, warm, off):
+    assert sorted(os.listdir(cache)) == before   # nothing rewritten
+    for run in (second, warm):
         assert (run['loss'], run['grad_norm']) == (first['loss'], first['grad_norm'])
+
+
+def test_empty_directory_turns_the_cache_off(tmp_path):
+    """compile_cache.enable('') returns None and JAX then neither reads nor writes the cache (no cache request is
+    recorded for a fresh compilation); enabling it again restores it. In this process, with the suite's cache."""
+    import jax
+    import jax.numpy as jnp
+    from jax import monitoring
+    shared = os.environ[compile_cache.ENV_VAR]
+    events = []
+
+    def listen(event, **kwargs):
+        if event.startswith('/jax/compilation_cache/'):
+            events.append(event)
+
+    def compile_fresh(seed):   # a function JAX has not seen: its compilation asks the cache, when one is on
+        return jax.jit(lambda x: jnp.sin(x) * seed).lower(jnp.ones(3)).compile()
+
+    monitoring.register_event_listener(listen)
+    try:
+        compile_cache.enable(shared)
+        compile_fresh(1.0)
+        assert '/jax/compilation_cache/compile_requests_use_cache' in events   # the check can see a request
+        events.clear()
+        assert compile_cache.enable('') is None
+        compile_fresh(2.0)
+        assert '/jax/compilation_cache/compile_requests_use_cache' not in events, events
+        assert not any(event.endswith(('cache_hits', 'cache_misses')) for event in events), events
+        assert os.environ[compile_cache.ENV_VAR] == shared    # '' wins over the environment without changing it
+    finally:
+        monitoring.unregister_event_listener(listen)
+        compile_cache.enable(shared)
+    assert jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir == shared
 
 
 def test_unusable_directory_is_a_clear_error(monkeypatch, tmp_path):

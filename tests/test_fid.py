@@ -86,9 +86,24 @@ def test_fid_of_a_set_with_itself_is_zero():
     assert abs(value) < 1e-6 * np.trace(sigma)
 
 
+def test_distances_from_one_set_to_several_equal_the_single_distances():
+    rng = np.random.default_rng(4)
+    x1, x2, x3 = _features(rng, 60, 24), _features(rng, 50, 24, scale=0.7), _features(rng, 40, 24, offset=0.3)
+    (mu1, sigma1, _), (mu2, sigma2, _), (mu3, sigma3, _) = (fid.feature_statistics(x) for x in (x1, x2, x3))
+    distance_to = fid.frechet_distance_from(mu1, sigma1)
+    for x, mu, sigma in ((x2, mu2, sigma2), (x3, mu3, sigma3)):
+        assert distance_to(mu, sigma) == pytest.approx(_reference_fid_low_rank(x1, x) if len(x) < 24 else
+                                                      _reference_fid_sqrtm(mu1, sigma1, mu, sigma), rel=1e-10)
+        assert distance_to(mu, sigma) == fid.frechet_distance(mu1, sigma1, mu, sigma)
+    with pytest.raises(ValueError, match='sigma2'):
+        distance_to(mu2, sigma2[:5, :5])
+
+
 def test_frechet_distance_rejects_bad_inputs():
     with pytest.raises(ValueError, match='sigma2'):
         fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(4))
+    with pytest.raises(ValueError, match='sigma1'):
+        fid.frechet_distance(np.zeros(3), np.eye(4), np.zeros(3), np.eye(3))
     with pytest.raises(ValueError, match='non-finite'):
         fid.frechet_distance(np.zeros(2), np.eye(2), np.array([0.0, np.nan]), np.eye(2))
 

@@ -154,10 +154,11 @@ def fid_of_samples(config, workdir: str, samples: np.ndarray, inception_net: dic
     result = dict(num_samples=int(samples.shape[0]), inception_weights=os.path.abspath(inception_net['weights']),
                   inception_weights_sha256=inception_net['sha256'], reference={})
     num_reference = int(config.eval.fid_num_reference_images) or None
+    distance_to = fid_lib.frechet_distance_from(sample_stats[0], sample_stats[1])   # the samples' S^1/2 once
     for role, split in (('train', config.data.train_split), ('test', common.eval_split(config))):
         stats_path, key = reference_stats_file(config, workdir, split, inception_net['sha256'])
         reference = _reference_statistics(config, split, stats_path, key, inception_fn, batch_size, num_reference)
-        result[f'fid_{role}'] = fid_lib.fid_from_stats(sample_stats, reference)
+        result[f'fid_{role}'] = distance_to(reference[0], reference[1])
         result['reference'][role] = dict(split=split, num_images=reference[2], stats=stats_path)
         logging.info('FID against %s (%d images): %.4f', split, reference[2], result[f'fid_{role}'])
     if logits:
