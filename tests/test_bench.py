@@ -43,7 +43,7 @@ def smoke_runs(tmp_path_factory):
     envs = {'train': env, 'sample': dict(env, XLA_FLAGS=HARMLESS_XLA_FLAGS)}
     commands = {
         'train': [sys.executable, os.path.join(EXPERIMENTS, 'bench_train.py'), '--smoke',
-                  '--steps_per_dispatch=1,2', '--find_max_batch', '--max_batch_cap=8',
+                  '--batch_sizes=4,8', '--find_max_batch', '--max_batch_cap=8',
                   '--set', 'model.attention=dot_product', '--no_donate', f'--out={out_dir / "train.json"}'],
         'sample': [sys.executable, os.path.join(EXPERIMENTS, 'bench_sample.py'), '--smoke',
                    f'--out={out_dir / "sample.json"}'],
@@ -78,14 +78,14 @@ def test_train_smoke_writes_rows_with_positive_throughput(smoke_runs):
     assert TABLE_HEADER_END in output
     assert result['device']['jax_version'] and result['device']['device_kind']
     rows = result['rows']
-    assert [(r['dtype'], r['batch_size'], r['steps_per_dispatch']) for r in rows] == [('float32', 8, 1),
-                                                                                      ('float32', 8, 2)]
+    assert [(r['dtype'], r['batch_size'], r['steps_per_dispatch']) for r in rows] == [('float32', 4, 1),
+                                                                                      ('float32', 8, 1)]
     for row in rows:
         assert row['status'] == 'ok', row
         assert row['compile_s'] > 0 and row['step_ms_median'] > 0
         assert row['throughput'] > 0 and row['throughput_pipelined'] > 0
         # img/s is the batch over the median step time (the two are reported separately).
-        assert row['throughput'] == pytest.approx(8 / (row['step_ms_median'] / 1e3), rel=1e-9)
+        assert row['throughput'] == pytest.approx(row['batch_size'] / (row['step_ms_median'] / 1e3), rel=1e-9)
         assert row['timed_steps'] >= 4
         assert row['num_params'] > 0 and row['image_size'] == 8
         assert row['settings'] == TRAIN_SETTINGS and row['donate_state'] is False

@@ -75,6 +75,28 @@ def test_digits_source_matches_sklearn_scaled_to_uint8():
     np.testing.assert_array_equal(train[np.array([3])][..., 0], reference[[3]])
 
 
+def test_digits_are_read_without_importing_sklearn_and_equal_load_digits(monkeypatch):
+    """The CSV read (no scikit-learn import) and the load_digits() fallback give the same array."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+    assert data.sklearn_digits_csv() is not None     # the file scikit-learn ships
+    direct = data._digits_uint8()
+    data._digits_uint8.cache_clear()
+    monkeypatch.setattr(data, 'sklearn_digits_csv', lambda: None)
+    try:
+        fallback = data._digits_uint8()
+    finally:
+        data._digits_uint8.cache_clear()
+    np.testing.assert_array_equal(direct, fallback)
+    np.testing.assert_array_equal(direct, np.round(load_digits().images * 255.0 / 16.0))
+    code = ('import sys; from ddpm_jax import data; data._digits_uint8(); '
+            'print(sorted(m for m in sys.modules if m.split(".")[0] in ("sklearn", "scipy")))')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == '[]', out.stdout
+
+
 def test_digits_source_resizes_to_image_size():
     source = data.load_source(_base_config(image_size=16), 'train')
     images = source[np.arange(5)]
