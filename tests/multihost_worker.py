@@ -86,11 +86,13 @@ def let_this_process_write_the_compilation_cache():
     from jax._src import compilation_cache, compiler  # pylint: disable=g-import-not-at-top
     from jax._src import config as jax_config  # pylint: disable=g-import-not-at-top
     original = getattr(compiler, '_cache_write', None)
-    if original is None or list(inspect.signature(original).parameters) != _CACHE_WRITE_PARAMETERS:
+    min_compile_time = getattr(jax_config, 'persistent_cache_min_compile_time_secs', None)
+    if (original is None or min_compile_time is None or not hasattr(compilation_cache, 'put_executable_and_time')
+            or list(inspect.signature(original).parameters) != _CACHE_WRITE_PARAMETERS):
         return
 
     def cache_write(cache_key, compile_time_secs, module_name, backend, executable, host_callbacks):
-        if host_callbacks or compile_time_secs < jax_config.persistent_cache_min_compile_time_secs.value:
+        if host_callbacks or compile_time_secs < min_compile_time.value:
             return
         compilation_cache.put_executable_and_time(cache_key, module_name, executable, backend,
                                                   int(compile_time_secs))

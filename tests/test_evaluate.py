@@ -325,23 +325,22 @@ def test_fid_mode_matches_direct_computation_and_caches_references(run, inceptio
         written = json.load(f)
     assert written == result
 
-    # Direct computation: the Flax params as generated (not read back), one forward of all the images, numpy stats.
+    # Direct computation: the Flax params as generated (not read back), the images taken here, numpy statistics and
+    # the low-rank distance. The forward is fid.make_inception_fn's (tested in test_fid) with the mode's chunk size,
+    # so its float32 program is the one the mode compiled for the reference images (read from the cache).
     samples = np.load(samples_path)['samples']
     assert samples.shape == (6, 8, 8, 1)
     sets = {'samples': samples.astype(np.float32) / np.float32(127.5) - np.float32(1.0)}
     for role in ('train', 'test'):
         sets[role] = data.to_model_range(data.load_source(config, role)[np.arange(FID_REFERENCE_IMAGES)])
-    model = inception.InceptionV3(num_classes=1008)
-    images = jnp.repeat(jnp.asarray(np.concatenate(list(sets.values()))), 3, axis=-1)
-    everything = {k: np.asarray(v, np.float64) for k, v in
-                  jax.jit(lambda x: model.apply({'params': inception_params}, x))(images).items()}
-    ends = np.cumsum([len(x) for x in sets.values()])
-    outputs = {name: {k: v[end - len(x):end] for k, v in everything.items()}
-               for (name, x), end in zip(sets.items(), ends)}
+    forward = fid.make_inception_fn(inception.InceptionV3(num_classes=1008), inception_params,
+                                    batch_size=config.eval.fid_batch_size)
+    outputs = {name: forward(images) for name, images in sets.items()}
     for role in ('train', 'test'):
         want = _frechet_distance_low_rank(outputs['samples']['pool'], outputs[role]['pool'])
-        # Two float32 compilations of the ~100-layer network (chunks of 4 vs one batch) round differently
-        # (~1e-6 of the features); with 4-6 images in 2048 dims the distance is that sensitive only to ~1e-5.
+        # The samples went through the mode's uint8 program (mapped to [-1, 1] on the device) and through the
+        # float32 one here: features equal to float32 rounding (~1e-6), to which the distance of 4-6 images in 2048
+        # dimensions is sensitive only to ~1e-5.
         np.testing.assert_allclose(result[f'fid_{role}'], want, rtol=1e-4)
         assert result['reference'][role]['num_images'] == FID_REFERENCE_IMAGES
         assert result['reference'][role]['split'] == role
