@@ -287,19 +287,10 @@ def _fid_config(config, weights_path, stats_dir):
     return config
 
 
-def _frechet_distance_low_rank(x1, x2):
-    """Frechet distance of the Gaussians fitted to features x1 [n1, d] and x2 [n2, d], float64, for n1, n2 << d:
-    with A, B the centred features / sqrt(n - 1), S1 = A^T A and S2 = B^T B, the nonzero eigenvalues of S1 S2 are the
-    squared singular values of A B^T, so tr((S1 S2)^1/2) is the sum of those singular values (no d x d matrix)."""
-    a = (x1 - x1.mean(axis=0)) / np.sqrt(len(x1) - 1)
-    b = (x2 - x2.mean(axis=0)) / np.sqrt(len(x2) - 1)
-    diff = x1.mean(axis=0) - x2.mean(axis=0)
-    return float(diff @ diff + np.sum(a * a) + np.sum(b * b) - 2 * np.linalg.svd(a @ b.T, compute_uv=False).sum())
-
-
 @pytest.mark.slow
 def test_fid_mode_matches_direct_computation_and_caches_references(run, inception_archive, tmp_path, monkeypatch,
                                                                    caplog):
+    from test_fid import reference_fid_low_rank  # tr((S1 S2)^1/2) from the features: no d x d matrix
     from ddpm_jax import fid
     from ddpm_jax.models import inception
     base_config, workdir, _ = run
@@ -337,7 +328,7 @@ def test_fid_mode_matches_direct_computation_and_caches_references(run, inceptio
                                     batch_size=config.eval.fid_batch_size)
     outputs = {name: forward(images) for name, images in sets.items()}
     for role in ('train', 'test'):
-        want = _frechet_distance_low_rank(outputs['samples']['pool'], outputs[role]['pool'])
+        want = reference_fid_low_rank(outputs['samples']['pool'], outputs[role]['pool'])
         # The samples went through the mode's uint8 program (mapped to [-1, 1] on the device) and through the
         # float32 one here: features equal to float32 rounding (~1e-6), to which the distance of 4-6 images in 2048
         # dimensions is sensitive only to ~1e-5.

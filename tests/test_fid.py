@@ -45,7 +45,9 @@ def _reference_fid_sqrtm(mu1, sigma1, mu2, sigma2):
     return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean).real)
 
 
-def _reference_fid_low_rank(x1, x2):
+def reference_fid_low_rank(x1, x2):
+    """Frechet distance of the Gaussians fitted to features x1 [n1, d] and x2 [n2, d], float64, by the low-rank
+    identity of the module docstring (also test_evaluate's reference for fid mode)."""
     a = (x1 - x1.mean(axis=0)) / np.sqrt(len(x1) - 1)
     b = (x2 - x2.mean(axis=0)) / np.sqrt(len(x2) - 1)
     trace_sqrt = np.linalg.svd(a @ b.T, compute_uv=False).sum()
@@ -61,7 +63,7 @@ def test_frechet_distance_matches_scipy_sqrtm():
     got = fid.frechet_distance(mu1, sigma1, mu2, sigma2)
     want = _reference_fid_sqrtm(mu1, np.cov(x1, rowvar=False), mu2, np.cov(x2, rowvar=False))
     assert got == pytest.approx(want, rel=1e-10)
-    assert got == pytest.approx(_reference_fid_low_rank(x1, x2), rel=1e-10)
+    assert got == pytest.approx(reference_fid_low_rank(x1, x2), rel=1e-10)
 
 
 def test_frechet_distance_nearly_singular_covariances():
@@ -71,7 +73,7 @@ def test_frechet_distance_nearly_singular_covariances():
     mu1, sigma1, _ = fid.feature_statistics(x1)
     mu2, sigma2, _ = fid.feature_statistics(x2)
     got = fid.frechet_distance(mu1, sigma1, mu2, sigma2)
-    want = _reference_fid_low_rank(x1, x2)
+    want = reference_fid_low_rank(x1, x2)
     assert np.isfinite(got)
     # Rounding-level eigenvalues (~1e-16 |S|) of the rank-deficient S1 enter through their square
     # roots (~1e-8 |S|^1/2); measured relative error 2e-8, the same as scipy's sqrtm here.
@@ -92,7 +94,7 @@ def test_distances_from_one_set_to_several_equal_the_single_distances():
     (mu1, sigma1, _), (mu2, sigma2, _), (mu3, sigma3, _) = (fid.feature_statistics(x) for x in (x1, x2, x3))
     distance_to = fid.frechet_distance_from(mu1, sigma1)
     for x, mu, sigma in ((x2, mu2, sigma2), (x3, mu3, sigma3)):
-        assert distance_to(mu, sigma) == pytest.approx(_reference_fid_low_rank(x1, x) if len(x) < 24 else
+        assert distance_to(mu, sigma) == pytest.approx(reference_fid_low_rank(x1, x) if len(x) < 24 else
                                                       _reference_fid_sqrtm(mu1, sigma1, mu, sigma), rel=1e-10)
         assert distance_to(mu, sigma) == fid.frechet_distance(mu1, sigma1, mu, sigma)
     with pytest.raises(ValueError, match='sigma2'):
