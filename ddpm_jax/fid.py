@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax import xla_cpu
+
 Stats = Tuple[np.ndarray, np.ndarray, int]
 
 
@@ -188,7 +190,7 @@ def make_inception_fn(model: Any, params: Any, *, batch_size: Optional[int] = No
     elif batch_size is not None and batch_size <= 0:
         raise ValueError(f'batch_size={batch_size} must be positive.')
 
-    @jax.jit
+    @xla_cpu.jit
     def forward(params, images):
         x = images.astype(jnp.float32)
         if images.dtype == jnp.uint8:

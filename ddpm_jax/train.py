@@ -37,6 +37,7 @@ from ddpm_jax import parallel
 from ddpm_jax import rng_streams
 from ddpm_jax import validation
 from ddpm_jax import workdir_lock
+from ddpm_jax import xla_cpu
 from ddpm_jax.evaluation import common as eval_common
 from ddpm_jax.evaluation import sample as eval_sample
 from ddpm_jax.evaluation import watch
@@ -114,7 +115,8 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
 
     sharded = jax.shard_map(device_steps, mesh=mesh, in_specs=(P(), P(None, parallel.DATA_AXIS)),
                             out_specs=(P(), P()))
-    return jax.jit(sharded, donate_argnums=0 if donate_state else ())
+    return xla_cpu.jit(sharded, platform=mesh.devices.flat[0].platform,
+                       donate_argnums=0 if donate_state else ())
 
 
 def _device_step_fn(config: ml_collections.ConfigDict) -> Callable:

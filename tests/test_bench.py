@@ -22,6 +22,7 @@ sys.path.insert(0, EXPERIMENTS)
 import bench_train  # pylint: disable=wrong-import-position
 import multihost_worker  # pylint: disable=wrong-import-position
 import subprocess_helpers  # pylint: disable=wrong-import-position
+import test_xla_cpu  # pylint: disable=wrong-import-position
 
 from ddpm_jax import parallel, train  # pylint: disable=wrong-import-position
 
@@ -197,8 +198,9 @@ def test_bad_arguments_raise_value_errors():
 
 @pytest.mark.slow
 def test_train_step_donates_the_state_unless_told_not_to():
-    """donate_state=True deletes the input state's buffers, False keeps them; the new states are bitwise equal.
-    (The tests' tiny config: its donating step is the default one, which other tests compile too.)"""
+    """donate_state=True deletes the input state's buffers, False keeps them; the new states are bitwise equal; on
+    CPU the step's convolutions are XLA's own. (The tests' tiny config: its donating step is the default one, which
+    other tests compile too.)"""
     config = multihost_worker.tiny_config()
     mesh = parallel.make_mesh()
     batches = parallel.shard_batch(bench_train.synthetic_batches(config, 1, config.training.batch_size), mesh,
@@ -215,3 +217,8 @@ def test_train_step_donates_the_state_unless_told_not_to():
     for a, b in zip(kept, donated):  # bitwise: the same compiled arithmetic, only buffer aliasing differs
         assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
     assert results[True][0].step == 1 and np.all(np.isfinite(results[True][1]['loss']))
+    # The same program (a persistent-cache hit here) runs its convolutions in XLA, not YNNPACK (xla_cpu.jit).
+    abstract = train.create_train_state(config, mesh, abstract=True)
+    compiled = train.make_train_step(config, mesh).lower(abstract, batches).compile()
+    counts = test_xla_cpu.convolutions_by_runtime(compiled.as_text())
+    assert counts['ynnpack'] == 0 and counts['xla'] > 10, counts

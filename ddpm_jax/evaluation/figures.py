@@ -25,6 +25,7 @@ from ddpm_jax import (
     progress as progress_lib,
     rng_streams,
     samplers,
+    xla_cpu,
 )
 from ddpm_jax.evaluation import common
 
@@ -79,7 +80,7 @@ def run_progressive(config, workdir: str) -> dict:
     d, model_fn_of, params, step, out_dir = _setup(config, workdir, 'progressive', dict(num_progressive=num,
                                                                                          freq=freq))
     counter = _counter('progressive', num_timesteps, num_timesteps)
-    run = jax.jit(lambda params, rng: diffusion_lib.p_sample_loop_progressive(
+    run = xla_cpu.jit(lambda params, rng: diffusion_lib.p_sample_loop_progressive(
         d, model_fn_of(params, counter), (num,) + common.image_shape(config), rng, freq=freq,
         clip_denoised=bool(config.sampling.clip_denoised)))
     final, pred_xstart = run(params, common.seed_key(config, rng_streams.EVAL_EXPERIMENT))
@@ -103,7 +104,7 @@ def run_shared_xt(config, workdir: str) -> dict:
     d, model_fn_of, params, step, out_dir = _setup(config, workdir, 'shared_xt', dict(timesteps=timesteps,
                                                                                        num_shared=num_shared))
     counter = _counter('shared_xt', num_timesteps, len(timesteps) * num_timesteps)
-    run = jax.jit(lambda params, rng, t: samplers.shared_xt_samples(
+    run = xla_cpu.jit(lambda params, rng, t: samplers.shared_xt_samples(
         d, model_fn_of(params, counter), common.image_shape(config), rng, t, num_shared,
         clip_denoised=bool(config.sampling.clip_denoised)))
     rows = []
@@ -132,7 +133,7 @@ def run_interpolate(config, workdir: str) -> dict:
     pair = data.load_source(config, split)[np.array(indices)].astype(np.float32) / 127.5 - 1.0
     x_a, x_b = jnp.asarray(pair[:1]), jnp.asarray(pair[1:])
     counter = _counter('interpolate', num_timesteps, sum(t + 1 for t in timesteps))
-    run = jax.jit(lambda params, x_a, x_b, t, rng: samplers.interpolate_images(
+    run = xla_cpu.jit(lambda params, x_a, x_b, t, rng: samplers.interpolate_images(
         d, model_fn_of(params, counter), x_a, x_b, t, lambdas, rng, clip_denoised=bool(config.sampling.clip_denoised)))
     rows, table = [], []
     for i, t in enumerate(timesteps):

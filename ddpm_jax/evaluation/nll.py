@@ -22,6 +22,7 @@ from ddpm_jax import (
     progress as progress_lib,
     rng_streams,
     score,
+    xla_cpu,
 )
 from ddpm_jax.evaluation import common, sample as sample_lib
 
@@ -47,7 +48,7 @@ def _bound_batch_fn(config, apply_fn: Callable, sharding, counter) -> Callable:
     d = diffusion_lib.diffusion_from_config(config)
     clip = bool(config.sampling.clip_denoised)
 
-    @jax.jit
+    @xla_cpu.jit
     def bpd_batch(params, x, rng):
         model_fn = progress_lib.report_from_device(common.constrained_model_fn(apply_fn, params, sharding), counter,
                                                    counter.report_timesteps())
@@ -161,7 +162,7 @@ def ode_batch_fn(config, apply_fn: Callable) -> Callable:
                   num_steps=int(sampling.num_steps or d.num_timesteps))
 
     def make(sharding):
-        @jax.jit
+        @xla_cpu.jit
         def batch_fn(params, x, rng):
             dequant_key, probe_key = jax.random.split(rng)
             x = jax.lax.with_sharding_constraint(

@@ -15,7 +15,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from ddpm_jax import image_grid, parallel, progress as progress_lib, rng_streams, samplers
+from ddpm_jax import image_grid, parallel, progress as progress_lib, rng_streams, samplers, xla_cpu
 from ddpm_jax.evaluation import common
 
 
@@ -75,7 +75,7 @@ def make_sample_batch_fn(config, apply_fn: Callable, mesh, *, quantize: bool = T
         x = jax.lax.with_sharding_constraint(image_grid.to_uint8(x) if quantize else x, sharding)
         return (x, nfe) if with_nfe else x
 
-    return jax.jit(sample_batch)
+    return xla_cpu.jit(sample_batch)
 
 
 def _batch_path(out_dir: str, b: int) -> str:

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ddpm_jax import checkpoint, data, diffusion as diffusion_lib, losses, parallel, rng_streams
+from ddpm_jax import checkpoint, data, diffusion as diffusion_lib, losses, parallel, rng_streams, xla_cpu
 from ddpm_jax.evaluation import common, fid as fid_mode, nll, sample as sample_lib
 
 PAPER_FID_SAMPLES = 50_000
@@ -93,7 +93,7 @@ def make_test_loss_fn(config, apply_fn: Callable, mesh) -> Callable:
     key = common.seed_key(config, rng_streams.EVAL_TEST_LOSS)
     global_shape = (len(images), batch_size) + tuple(images[0].shape[1:])
 
-    @jax.jit
+    @xla_cpu.jit
     def loss(params, x, mask):
         t, noise = fixed_t_and_noise(key, d.num_timesteps, global_shape)
         t = jax.lax.with_sharding_constraint(t, sharding)
