@@ -15,7 +15,8 @@ JAX's rolled CPU lowering (to compare the two, or should a very large program co
 `jit(fun, ...)`: `jax.jit` with `compiler_options()`, used for every ddpm_jax program that runs the U-Net or
 Inception. XLA:CPU (jaxlib 0.10) hands convolutions, matmuls and reductions to the YNNPACK library by default;
 its convolutions, the filter gradients above all, are slower on the U-Net's shapes than XLA's own Eigen
-convolutions (2-35% per convolution at batch 8-32, the most for filter gradients at 32x32 pixels and batch 32).
+convolutions (up to a third more time per convolution at batch 8-32, the most for filter gradients at 32x32
+pixels and batch 32).
 On CPU the compile option `xla_cpu_experimental_ynn_fusion_type` is therefore set to YNNPACK's default list less
 its convolutions (matmuls and reductions stay with YNNPACK, whose reductions are much faster than XLA's loops).
 The results differ from the default's only by float32 summation order. Where a jaxlib does not know the option
@@ -79,9 +80,14 @@ def compiler_options(platform: str | None = None) -> dict:
 
     CPU: CPU_COMPILER_OPTIONS (convolutions by XLA's Eigen runtime, not YNNPACK; see the module docstring), unless
     $DDPM_JAX_CPU_CONVOLUTIONS is 'ynnpack' or this jaxlib refuses them. Other platforms: none ({}).
+    Raises ValueError for a $DDPM_JAX_CPU_CONVOLUTIONS other than 'eigen' or 'ynnpack'.
     """
+    choice = os.environ.get(CONVOLUTIONS_ENV_VAR, 'eigen')
+    if choice not in ('eigen', 'ynnpack'):
+        raise ValueError(f'${CONVOLUTIONS_ENV_VAR}={choice!r}: use eigen (the default) or ynnpack (XLA:CPU\'s own '
+                         'default), or unset it.')
     platform = platform or jax.default_backend()
-    if platform != 'cpu' or os.environ.get(CONVOLUTIONS_ENV_VAR, 'eigen') == 'ynnpack':
+    if platform != 'cpu' or choice == 'ynnpack':
         return {}
     return dict(CPU_COMPILER_OPTIONS) if _cpu_options_accepted() else {}
 

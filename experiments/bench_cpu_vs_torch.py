@@ -187,6 +187,7 @@ class JaxWorker:
             optim,
             parallel,
             train,  # pylint: disable=g-import-not-at-top
+            xla_cpu,
         )
         from ddpm_jax import diffusion as diffusion_lib  # pylint: disable=g-import-not-at-top
         from ddpm_jax import losses  # pylint: disable=g-import-not-at-top
@@ -226,8 +227,8 @@ class JaxWorker:
             (loss, output), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
             return output, loss, jnp.sqrt(sum(jnp.sum(g.astype(jnp.float32) ** 2) for g in jax.tree.leaves(grads)))
 
-        self.sample_fn = jax.jit(sample_step)
-        self.check_fn = jax.jit(loss_and_grad_norm)
+        self.sample_fn = xla_cpu.jit(sample_step)   # as the package's samplers: its XLA:CPU compile options
+        self.check_fn = xla_cpu.jit(loss_and_grad_norm)
         self.key = jax.random.key(args['seed'])
         self.sample_calls = 0
 

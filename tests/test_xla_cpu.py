@@ -1,12 +1,13 @@
-"""ddpm_jax.xla_cpu: threefry lowered unrolled on CPU gives the same random bits, without a while loop."""
+"""ddpm_jax.xla_cpu: unrolled threefry gives the same random bits; convolutions run outside YNNPACK, correct."""
 import json
-import re
 import os
+import re
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.extend.random import threefry_2x32
 
 import ddpm_jax  # noqa: F401  (importing the package registers the unrolled lowering)
@@ -109,6 +110,9 @@ def test_compiler_options_per_platform_and_switch(monkeypatch):
     assert xla_cpu.compiler_options('gpu') == {} and xla_cpu.compiler_options('tpu') == {}
     monkeypatch.setenv(xla_cpu.CONVOLUTIONS_ENV_VAR, 'ynnpack')
     assert xla_cpu.compiler_options('cpu') == {}
+    monkeypatch.setenv(xla_cpu.CONVOLUTIONS_ENV_VAR, 'oneDNN')
+    with pytest.raises(ValueError, match='eigen .* or ynnpack'):
+        xla_cpu.compiler_options('cpu')
 
 
 def test_convolutions_run_outside_ynnpack_and_equal_a_float64_reference():
