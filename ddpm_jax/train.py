@@ -105,7 +105,8 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
     learning rate of the step).
     """
     device_step = _device_step_fn(config)
-    unroll = mesh.devices.flat[0].platform == 'cpu'   # elsewhere one loop body keeps compile time flat in K
+    platform = mesh.devices.flat[0].platform
+    unroll = platform == 'cpu'   # elsewhere one loop body keeps compile time flat in K
 
     def device_steps(state: TrainState, batches: jax.Array) -> tuple:
         if batches.shape[0] == 1:
@@ -115,8 +116,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
 
     sharded = jax.shard_map(device_steps, mesh=mesh, in_specs=(P(), P(None, parallel.DATA_AXIS)),
                             out_specs=(P(), P()))
-    return xla_cpu.jit(sharded, platform=mesh.devices.flat[0].platform,
-                       donate_argnums=0 if donate_state else ())
+    return xla_cpu.jit(sharded, platform=platform, donate_argnums=0 if donate_state else ())
 
 
 def _device_step_fn(config: ml_collections.ConfigDict) -> Callable:

@@ -15,6 +15,7 @@ from ddpm_jax import xla_cpu
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import subprocess_helpers  # noqa: E402  pylint: disable=wrong-import-position
+import test_unet  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def np_threefry2x32(key: tuple, counter: tuple) -> tuple:
@@ -97,13 +98,6 @@ def convolutions_by_runtime(hlo_text: str) -> dict:
     return counts
 
 
-def np_conv_same_3x3(x, kernel):
-    """[B, H, W, C] x [3, 3, C, O] -> [B, H, W, O], zero padding 1 (float64)."""
-    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    h, w = x.shape[1:3]
-    return sum(xp[:, i:i + h, j:j + w] @ kernel[i, j] for i in range(3) for j in range(3))
-
-
 def test_compiler_options_per_platform_and_switch(monkeypatch):
     monkeypatch.delenv(xla_cpu.CONVOLUTIONS_ENV_VAR, raising=False)
     assert xla_cpu.compiler_options('cpu') == xla_cpu.CPU_COMPILER_OPTIONS   # jaxlib 0.10 takes them
@@ -141,5 +135,6 @@ def test_convolutions_run_outside_ynnpack_and_equal_a_float64_reference():
             dxp[:, i:i + 8, j:j + 8] += cotangent @ kernel[i, j].T
     # float32 sums of 144 (forward), 216 (input gradient) and 128 (filter gradient) products; measured 3.4e-7 to
     # 5.5e-7 of the largest value (~5-9 float32 ulp of it), bounded at twice that
-    for got, want in ((y, np_conv_same_3x3(x, kernel)), (dx, dxp[:, 1:-1, 1:-1]), (dkernel, dkernel_ref)):
+    y_ref = test_unet.np_conv(x, {'kernel': kernel, 'bias': 0.0})   # TF 'SAME' padding: 1 on each side for 3x3
+    for got, want in ((y, y_ref), (dx, dxp[:, 1:-1, 1:-1]), (dkernel, dkernel_ref)):
         np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-6 * np.abs(want).max())
