@@ -199,8 +199,8 @@ def test_bad_arguments_raise_value_errors():
 @pytest.mark.slow
 def test_train_step_donates_the_state_unless_told_not_to():
     """donate_state=True deletes the input state's buffers, False keeps them; the new states are bitwise equal; on
-    CPU the step's convolutions are XLA's own. (The tests' tiny config: its donating step is the default one, which
-    other tests compile too.)"""
+    CPU the step's convolutions are XLA's own and its matmuls take no transposed copies. (The tests' tiny config:
+    its donating step is the default one, which other tests compile too.)"""
     config = multihost_worker.tiny_config()
     mesh = parallel.make_mesh()
     batches = parallel.shard_batch(bench_train.synthetic_batches(config, 1, config.training.batch_size), mesh,
@@ -222,3 +222,5 @@ def test_train_step_donates_the_state_unless_told_not_to():
     compiled = train.make_train_step(config, mesh).lower(abstract, batches).compile()
     counts = test_xla_cpu.convolutions_by_runtime(compiled.as_text())
     assert counts['ynnpack'] == 0 and counts['xla'] > 10, counts
+    # ... and no matmul waits for a transposed copy of its operand (autodiff's own dense gradient has 6 here).
+    assert test_xla_cpu.matmuls_fed_by_transposes(compiled.as_text()) == 0

@@ -530,6 +530,31 @@ def test_attention_logits_gradient_is_plain_autodiff_in_float64():
     np.testing.assert_allclose(np.asarray(dq16, np.float64), reference, rtol=2 ** -8, atol=1e-6)
 
 
+def test_dense_matmul_gradient_is_plain_autodiff_in_float64():
+    # The dense layers' matmul has its gradient written out (the kernel's as one [N, C_in]^T [N, C_out] matmul);
+    # it must be the plain gradient, here in numpy: y = x W, dL/dx = G W^T, dL/dW = sum over positions x^T G.
+    rng = np.random.default_rng(12)
+    x, kernel, g = rng.normal(size=(2, 3, 4, 5)), rng.normal(size=(5, 6)), rng.normal(size=(2, 3, 4, 6))
+    with jax.enable_x64(True):
+        y, vjp = jax.vjp(unet._dense_matmul, jnp.asarray(x), jnp.asarray(kernel))
+        dx, dkernel = vjp(jnp.asarray(g))
+        assert y.dtype == dx.dtype == dkernel.dtype == jnp.float64
+        np.testing.assert_allclose(np.asarray(y), np.einsum('bhwc,cd->bhwd', x, kernel), rtol=1e-13)
+        np.testing.assert_allclose(np.asarray(dx), np.einsum('bhwd,cd->bhwc', g, kernel), rtol=1e-13)
+        np.testing.assert_allclose(np.asarray(dkernel), np.einsum('bhwc,bhwd->cd', x, g), rtol=1e-13)
+        # The same through flax's Dense on a [B, C] input (the timestep embedding's layers).
+        dense = unet._dense(6, 'd', dtype=jnp.float64, param_dtype=jnp.float64)
+        params = {'kernel': jnp.asarray(kernel), 'bias': jnp.zeros(6)}
+        dkernel2 = jax.grad(lambda p: jnp.sum(dense.apply({'params': p}, jnp.asarray(x[0, 0])) * g[0, 0]))(params)
+        np.testing.assert_allclose(np.asarray(dkernel2['kernel']), x[0, 0].T @ g[0, 0], rtol=1e-13)
+    # bfloat16 compute: bfloat16 results and gradients, as autodiff's.
+    y16, vjp16 = jax.vjp(unet._dense_matmul, jnp.asarray(x, jnp.bfloat16), jnp.asarray(kernel, jnp.bfloat16))
+    assert y16.dtype == jnp.bfloat16 and {a.dtype for a in vjp16(y16)} == {jnp.dtype(jnp.bfloat16)}
+    with pytest.raises(ValueError, match='only x'):
+        unet._dense_dot_general(jnp.ones((2, 5)), jnp.ones((5, 6)), (((1,), (0,)), ((), ())),
+                                precision=jax.lax.Precision.HIGHEST)
+
+
 def test_model_settings_name_a_missing_or_mistyped_key():
     config = _config()
     del config.model['remat']

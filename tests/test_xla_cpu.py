@@ -77,8 +77,8 @@ def test_draws_equal_those_of_the_rolled_lowering():
                                   np.array(rolled['normal'], np.float64))
 
 
-def convolutions_by_runtime(hlo_text: str) -> dict:
-    """Counts the convolutions of an optimized HLO module's text: {'ynnpack': inside YNNPACK fusions, 'xla': others}."""
+def _computation_bodies(hlo_text: str) -> dict:
+    """{computation name: its instruction lines} of an optimized HLO module's text."""
     bodies, name = {}, None
     for line in hlo_text.splitlines():
         header = re.match(r'^(?:ENTRY )?%?([\w.-]+) \(.*\{$', line)
@@ -87,6 +87,33 @@ def convolutions_by_runtime(hlo_text: str) -> dict:
             bodies[name] = []
         elif name is not None:
             bodies[name].append(line)
+    return bodies
+
+
+def matmuls_fed_by_transposes(hlo_text: str) -> int:
+    """How many matmuls (dot instructions, or fusions whose body has a dot) of an optimized HLO module's text take
+    an operand that a transpose instruction, or a fusion whose body has one, has just produced."""
+    bodies = _computation_bodies(hlo_text)
+    instruction = re.compile(r'^\s*(?:ROOT )?%([\w.-]+) = [^=]*? (\w[\w-]*)\((.*?)\)(, .*)?$')
+    transposing, matmuls = set(), []
+    for lines in bodies.values():
+        for line in lines:
+            match = instruction.match(line)
+            if not match:
+                continue
+            name, opcode, operands, attributes = match.group(1), match.group(2), match.group(3), match.group(4) or ''
+            called = re.findall(r'calls=%([\w.-]+)', attributes)
+            body = ' '.join(' '.join(bodies.get(c, ())) for c in called)
+            if opcode == 'transpose' or ' transpose(' in body:
+                transposing.add(name)
+            if opcode == 'dot' or ' dot(' in body:
+                matmuls.append(re.findall(r'%([\w.-]+)', operands))
+    return sum(any(operand in transposing for operand in operands) for operands in matmuls)
+
+
+def convolutions_by_runtime(hlo_text: str) -> dict:
+    """Counts the convolutions of an optimized HLO module's text: {'ynnpack': inside YNNPACK fusions, 'xla': others}."""
+    bodies = _computation_bodies(hlo_text)
     ynn_bodies = set()
     for lines in bodies.values():
         for line in lines:

@@ -138,11 +138,48 @@ def _conv(features: int, name: str, *, dtype: Dtype, param_dtype: Dtype, kernel_
                    bias_init=nn.initializers.zeros, name=name)
 
 
+@jax.custom_vjp
+def _dense_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x: [..., C_in], kernel: [C_in, C_out] -> x @ kernel: [..., C_out] (dtype of x and kernel).
+
+    The gradient is autodiff's, written out so that the kernel's is one matmul over all leading positions
+    of x and of the output gradient as they lie in memory ([N, C_in]^T [N, C_out], N = prod(x.shape[:-1])).
+    From autodiff's own form of it (a matmul followed by a transpose), XLA:CPU materialises the output
+    gradient transposed to [C_out, N] first, fused with whatever produces it (e.g. the GroupNorm backward and
+    the slice of a concatenation), which costs more than the matmul itself.
+    """
+    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _dense_matmul_fwd(x, kernel):
+    return _dense_matmul(x, kernel), (x, kernel)
+
+
+def _dense_matmul_bwd(residuals, y_grad):
+    x, kernel = residuals
+    x_grad = jax.lax.dot_general(y_grad, kernel, (((y_grad.ndim - 1,), (1,)), ((), ())))
+    kernel_grad = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), y_grad.reshape(-1, y_grad.shape[-1]),
+                                      (((0,), (0,)), ((), ())))
+    return x_grad, kernel_grad
+
+
+_dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd)
+
+
+def _dense_dot_general(x: jax.Array, kernel: jax.Array, dimension_numbers: Any, precision: Any = None,
+                       **kwargs: Any) -> jax.Array:
+    """The `dot_general` that flax.linen.Dense calls: `_dense_matmul` for its one contraction."""
+    if dimension_numbers != (((x.ndim - 1,), (0,)), ((), ())) or precision is not None or kwargs:
+        raise ValueError(f'_dense_dot_general computes only x[..., C] @ kernel[C, D] at default precision, got '
+                         f'dimension_numbers={dimension_numbers}, precision={precision}, {kwargs}')
+    return _dense_matmul(x, kernel)
+
+
 def _dense(features: int, name: str, *, dtype: Dtype, param_dtype: Dtype, zero_init: bool = False) -> nn.Dense:
     """The official `dense` / `nin` (per-pixel dense): kernel [in, out], bias, official init."""
     return nn.Dense(features, dtype=dtype, param_dtype=param_dtype,
                     kernel_init=_ZERO_INIT if zero_init else _DEFAULT_INIT,
-                    bias_init=nn.initializers.zeros, name=name)
+                    bias_init=nn.initializers.zeros, dot_general=_dense_dot_general, name=name)
 
 
 class ResnetBlock(nn.Module):
