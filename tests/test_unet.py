@@ -507,18 +507,23 @@ def test_bfloat16_model_asks_for_bfloat16_convolutions_and_matmuls():
     assert any(result == 'bf16' for _, _, result in dots)
 
 
+def assert_vjp_float64(fn, args: tuple, cotangent: np.ndarray, want_out: np.ndarray, want_grads: tuple) -> None:
+    """fn's output and its vjp of `cotangent`, all computed in float64, equal numpy's to 1e-13 (relative)."""
+    with jax.enable_x64(True):
+        out, vjp = jax.vjp(fn, *[jnp.asarray(a) for a in args])
+        grads = vjp(jnp.asarray(cotangent))
+        assert {a.dtype for a in (out, *grads)} == {jnp.dtype(jnp.float64)}
+        for got, want in zip((out, *grads), (want_out, *want_grads), strict=True):
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-13)
+
+
 def test_attention_logits_gradient_is_plain_autodiff_in_float64():
     # The custom VJP of the logits only rounds the cotangent to the compute dtype; in float64 (no rounding)
     # it must equal the gradient of the plain einsum, written here in numpy: d<G, q k^T>/dq = G k, /dk = G^T q.
     rng = np.random.default_rng(11)
     q, k, g = rng.normal(size=(2, 5, 3)), rng.normal(size=(2, 4, 3)), rng.normal(size=(2, 5, 4))
-    with jax.enable_x64(True):
-        logits, vjp = jax.vjp(unet._attention_logits, jnp.asarray(q), jnp.asarray(k))
-        dq, dk = vjp(jnp.asarray(g))
-        assert logits.dtype == dq.dtype == dk.dtype == jnp.float64
-        np.testing.assert_allclose(np.asarray(logits), np.einsum('bqc,bkc->bqk', q, k), rtol=1e-13)
-        np.testing.assert_allclose(np.asarray(dq), np.einsum('bqk,bkc->bqc', g, k), rtol=1e-13)
-        np.testing.assert_allclose(np.asarray(dk), np.einsum('bqk,bqc->bkc', g, q), rtol=1e-13)
+    assert_vjp_float64(unet._attention_logits, (q, k), g, np.einsum('bqc,bkc->bqk', q, k),
+                       (np.einsum('bqk,bkc->bqc', g, k), np.einsum('bqk,bqc->bkc', g, q)))
     # bfloat16 inputs: float32 logits, bfloat16 gradients (the cotangent rounded to bfloat16 first).
     q16, k16 = jnp.asarray(q, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16)
     logits16, vjp16 = jax.vjp(unet._attention_logits, q16, k16)
@@ -535,13 +540,9 @@ def test_dense_matmul_gradient_is_plain_autodiff_in_float64():
     # it must be the plain gradient, here in numpy: y = x W, dL/dx = G W^T, dL/dW = sum over positions x^T G.
     rng = np.random.default_rng(12)
     x, kernel, g = rng.normal(size=(2, 3, 4, 5)), rng.normal(size=(5, 6)), rng.normal(size=(2, 3, 4, 6))
+    assert_vjp_float64(unet._dense_matmul, (x, kernel), g, np.einsum('bhwc,cd->bhwd', x, kernel),
+                       (np.einsum('bhwd,cd->bhwc', g, kernel), np.einsum('bhwc,bhwd->cd', x, g)))
     with jax.enable_x64(True):
-        y, vjp = jax.vjp(unet._dense_matmul, jnp.asarray(x), jnp.asarray(kernel))
-        dx, dkernel = vjp(jnp.asarray(g))
-        assert y.dtype == dx.dtype == dkernel.dtype == jnp.float64
-        np.testing.assert_allclose(np.asarray(y), np.einsum('bhwc,cd->bhwd', x, kernel), rtol=1e-13)
-        np.testing.assert_allclose(np.asarray(dx), np.einsum('bhwd,cd->bhwc', g, kernel), rtol=1e-13)
-        np.testing.assert_allclose(np.asarray(dkernel), np.einsum('bhwc,bhwd->cd', x, g), rtol=1e-13)
         # The same through flax's Dense on a [B, C] input (the timestep embedding's layers).
         dense = unet._dense(6, 'd', dtype=jnp.float64, param_dtype=jnp.float64)
         params = {'kernel': jnp.asarray(kernel), 'bias': jnp.zeros(6)}
