@@ -1,7 +1,6 @@
 """ddpm_jax.xla_cpu: unrolled threefry gives the same random bits; convolutions run outside YNNPACK, correct."""
 import json
 import os
-import re
 import sys
 
 import jax
@@ -14,6 +13,8 @@ import ddpm_jax  # noqa: F401  (importing the package registers the unrolled low
 from ddpm_jax import xla_cpu
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'experiments'))
+import profile_step  # noqa: E402  pylint: disable=wrong-import-position
 import subprocess_helpers  # noqa: E402  pylint: disable=wrong-import-position
 import test_unet  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -77,52 +78,28 @@ def test_draws_equal_those_of_the_rolled_lowering():
                                   np.array(rolled['normal'], np.float64))
 
 
-def _computation_bodies(hlo_text: str) -> dict:
-    """{computation name: its instruction lines} of an optimized HLO module's text."""
-    bodies, name = {}, None
-    for line in hlo_text.splitlines():
-        header = re.match(r'^(?:ENTRY )?%?([\w.-]+) \(.*\{$', line)
-        if header:
-            name = header.group(1)
-            bodies[name] = []
-        elif name is not None:
-            bodies[name].append(line)
-    return bodies
+def _contains(module, instruction, opcode: str) -> bool:
+    """Whether `instruction` is an `opcode` instruction or a fusion with one in its body (profile_step's parser)."""
+    return any(fused.opcode == opcode for fused in module.fused(instruction))
 
 
 def matmuls_fed_by_transposes(hlo_text: str) -> int:
     """How many matmuls (dot instructions, or fusions whose body has a dot) of an optimized HLO module's text take
     an operand that a transpose instruction, or a fusion whose body has one, has just produced."""
-    bodies = _computation_bodies(hlo_text)
-    instruction = re.compile(r'^\s*(?:ROOT )?%([\w.-]+) = [^=]*? (\w[\w-]*)\((.*?)\)(, .*)?$')
-    transposing, matmuls = set(), []
-    for lines in bodies.values():
-        for line in lines:
-            match = instruction.match(line)
-            if not match:
-                continue
-            name, opcode, operands, attributes = match.group(1), match.group(2), match.group(3), match.group(4) or ''
-            called = re.findall(r'calls=%([\w.-]+)', attributes)
-            body = ' '.join(' '.join(bodies.get(c, ())) for c in called)
-            if opcode == 'transpose' or ' transpose(' in body:
-                transposing.add(name)
-            if opcode == 'dot' or ' dot(' in body:
-                matmuls.append(re.findall(r'%([\w.-]+)', operands))
-    return sum(any(operand in transposing for operand in operands) for operands in matmuls)
+    module = profile_step.parse_hlo(hlo_text)
+    transposing = {name for name, ins in module.instructions.items() if _contains(module, ins, 'transpose')}
+    return sum(any(operand in transposing for operand in ins.operands)
+               for ins in module.instructions.values() if _contains(module, ins, 'dot'))
 
 
 def convolutions_by_runtime(hlo_text: str) -> dict:
     """Counts the convolutions of an optimized HLO module's text: {'ynnpack': inside YNNPACK fusions, 'xla': others}."""
-    bodies = _computation_bodies(hlo_text)
-    ynn_bodies = set()
-    for lines in bodies.values():
-        for line in lines:
-            if re.search(r'%ynn_fusion[\w.]* = ', line) and 'kind=kCustom' in line:
-                ynn_bodies.update(re.findall(r'calls=%([\w.-]+)', line))
-    counts = {'ynnpack': 0, 'xla': 0}
-    for body, lines in bodies.items():
-        counts['ynnpack' if body in ynn_bodies else 'xla'] += sum(' convolution(' in line for line in lines)
-    return counts
+    module = profile_step.parse_hlo(hlo_text)
+    convolutions = {name for name, ins in module.instructions.items() if ins.opcode == 'convolution'}
+    in_ynnpack = {fused.name for ins in module.instructions.values()
+                  if ins.opcode == 'fusion' and ins.fusion_kind == 'kCustom' and ins.name.startswith('ynn_fusion')
+                  for fused in module.fused(ins) if fused.opcode == 'convolution'}
+    return {'ynnpack': len(in_ynnpack), 'xla': len(convolutions - in_ynnpack)}
 
 
 def test_compiler_options_per_platform_and_switch(monkeypatch):
