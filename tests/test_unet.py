@@ -346,17 +346,19 @@ def test_dot_product_attention_matches_einsum(tiny_case):
     einsum32 = run(UNet(**TINY), params32, x, t)
     dot32 = run(UNet(**TINY, attention='dot_product'), params32, x, t)
     assert dot32.dtype == jnp.float32
-    # Same float32 arithmetic, different association of the scale and fusion: measured 8e-7 of the largest
-    # output (5e-7 relative L2); also still within the float64 reference's float32 tolerance.
+    # The same function in float32, rounded differently ('einsum' divides by the softmax's row sums after the
+    # second matmul): measured 8e-7 of the largest output apart; each within 1.1e-6 of the float64 reference.
     np.testing.assert_allclose(np.asarray(dot32), np.asarray(einsum32), rtol=0,
                                atol=5e-6 * float(jnp.abs(einsum32).max()))
-    np.testing.assert_allclose(np.asarray(dot32), reference, rtol=0, atol=1e-5 * np.abs(reference).max())
+    for out32 in (dot32, einsum32):
+        np.testing.assert_allclose(np.asarray(out32), reference, rtol=0, atol=1e-5 * np.abs(reference).max())
     einsum16 = run(UNet(**TINY, dtype=jnp.bfloat16), params32, x, t)
     dot16 = run(UNet(**TINY, dtype=jnp.bfloat16, attention='dot_product'), params32, x, t)
-    # Both cast the float32 softmax to bfloat16 before the second matmul; measured bitwise equal on XLA:CPU.
-    # The bound is one bfloat16 rounding (2**-8) of the largest output, in case a backend fuses differently.
-    np.testing.assert_allclose(np.asarray(dot16), np.asarray(einsum16), rtol=0,
-                               atol=2.0 ** -8 * float(jnp.abs(einsum16).max()))
+    # bfloat16 compute: both are as far from the float64 reference as bfloat16 rounding makes them (relative L2
+    # error measured 1.01% for 'einsum', 1.02% for 'dot_product', as in test_bfloat16_compute_close_to_float32).
+    for out16 in (dot16, einsum16):
+        rel = float(np.linalg.norm(np.asarray(out16, np.float64) - reference) / np.linalg.norm(reference))
+        assert rel < 0.02, rel
 
 
 def test_attention_switch_rejects_bad_values():

@@ -231,9 +231,14 @@ class AttnBlock(nn.Module):
         v = _dense(channels, 'v', **kw)(h).reshape(batch, height * width, channels)
         scale = channels ** -0.5
         if self.attention == 'einsum':
+            # softmax(logits) v with the softmax's division moved after the product: the [B, HW, C] result is
+            # divided by the row sums instead of the [B, HW, HW] weights. The same function up to float32
+            # rounding, one pass over the weights fewer (XLA:CPU's sampling step ~2% faster). The row maximum
+            # only guards exp against overflow; like jax.nn.softmax, its gradient is not taken.
             logits = _attention_logits(q, k) * scale
-            weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-            h = jnp.einsum('bqk,bkc->bqc', weights, v)
+            unnormalized = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+            h = jnp.einsum('bqk,bkc->bqc', unnormalized.astype(self.dtype), v)   # compute dtype, as every matmul
+            h = (h.astype(unnormalized.dtype) / jnp.sum(unnormalized, axis=-1, keepdims=True)).astype(self.dtype)
         else:
             if self.attention == 'cudnn' and jnp.dtype(self.dtype) not in (jnp.bfloat16, jnp.float16):
                 raise ValueError(f"attention='cudnn' needs bfloat16 (or float16) compute, got dtype={self.dtype}; "
