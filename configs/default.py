@@ -38,8 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
     model.dtype = 'float32'             # compute dtype: 'float32' or 'bfloat16'; params stay float32
     # Speed switches; same parameters and (up to rounding) outputs. attention: 'einsum' (two einsums, float32
     # softmax whose division by the row sums comes after the second einsum), 'dot_product'
-    # (jax.nn.dot_product_attention, XLA), 'cudnn' (its cuDNN fused attention: GPU and bfloat16 only). remat: recompute each ResnetBlock / AttnBlock in the backward pass (less activation
-    # memory, ~1 more forward pass per train step). fast_variance: one-pass GroupNorm variance E[x^2] - E[x]^2
+    # (jax.nn.dot_product_attention, XLA), 'cudnn' (its cuDNN fused attention: GPU and bfloat16 only). remat:
+    # recompute each ResnetBlock / AttnBlock in the backward pass (less activation memory, ~1 more forward pass
+    # per train step). fast_variance: one-pass GroupNorm variance E[x^2] - E[x]^2
     # (one read of each activation less; the official code is two-pass). upsample: 'subpixel' (the x2 upsampling
     # conv as four 2x2 convs on the low-resolution input, 2.25x fewer FLOPs) or 'repeat' (the official order:
     # repeat pixels, then the 3x3 conv). Checkpoints load whatever these are.
