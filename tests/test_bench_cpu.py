@@ -1,5 +1,5 @@
 """Tests of the CPU benchmark scripts' own logic (experiments/bench_cpu_vs_torch.py, bench_startup.py, ab_cpu.py,
-ab_in_process.py).
+ab_in_process.py, bench_conv_cpu.py).
 
 torch and diffusers are optional extras of the benchmark: nothing here imports them. What is checked: the
 diffusion tables the PyTorch side computes with equal ddpm_jax's (so both sides do the same sampling and
@@ -9,6 +9,7 @@ import json
 import os
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -16,6 +17,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO_ROOT, 'experiments'))
 import ab_cpu  # pylint: disable=wrong-import-position
 import ab_in_process  # pylint: disable=wrong-import-position
+import bench_conv_cpu  # pylint: disable=wrong-import-position
 import bench_cpu_vs_torch  # pylint: disable=wrong-import-position
 import bench_startup  # pylint: disable=wrong-import-position
 
@@ -110,3 +112,84 @@ def test_in_process_ab_smoke_run(tmp_path, monkeypatch):
     assert rows['base']['ratio_to_first'] == [1.0, 1.0, 1.0]
     assert rows['same']['ratio_to_first'] == pytest.approx([a / b for a, b in zip(rows['same']['step_ms'],
                                                                                  rows['base']['step_ms'])])
+
+
+def smoke_config(overrides: list):
+    """The benchmarks' tiny config (bench_train.SMOKE_OVERRIDES) with further `key=value` overrides."""
+    return bench_conv_cpu.bench_train.load_config(
+        os.path.join(REPO_ROOT, 'configs', 'cifar10.py'),
+        [f'{k}={v!r}' for k, v in bench_conv_cpu.bench_train.SMOKE_OVERRIDES.items()] + overrides)[0]
+
+
+def test_conv_layers_are_every_convolution_of_the_network():
+    # The tiny config with two levels (ch 32, ch_mult (1, 2), one res block, 8x8 images), derived from the
+    # official architecture (diffusion_tf/models/unet.py): conv_in; level 0: a block 32 -> 32 (two convs) and
+    # the stride-2 downsample with TF 'SAME' padding (0 before, 1 after); level 1: a block 32 -> 64; the middle:
+    # two blocks 64 -> 64; up level 1: blocks on concat(64, 64) and concat(64, 32 from the downsample), then the
+    # subpixel upsample (four 2x2 convs on the 4x4 input, one per output phase); up level 0: blocks on
+    # concat(64, 32) and concat(32, 32); conv_out.
+    config = smoke_config(['model.ch_mult=(1, 2)'])
+    same = ((1, 1), (1, 1))
+    expected = {
+        ((2, 8, 8, 3), (3, 3, 3, 32), (1, 1), same): 1,
+        ((2, 8, 8, 32), (3, 3, 32, 32), (1, 1), same): 4,       # level 0 down block, up level 0's two conv2
+        ((2, 8, 8, 32), (3, 3, 32, 32), (2, 2), ((0, 1), (0, 1))): 1,
+        ((2, 4, 4, 32), (3, 3, 32, 64), (1, 1), same): 1,
+        ((2, 4, 4, 64), (3, 3, 64, 64), (1, 1), same): 7,       # level 1 conv2, middle 4, up level 1's two conv2
+        ((2, 4, 4, 128), (3, 3, 128, 64), (1, 1), same): 1,
+        ((2, 4, 4, 96), (3, 3, 96, 64), (1, 1), same): 1,
+        **{((2, 4, 4, 64), (2, 2, 64, 64), (1, 1), (rows, cols)): 1
+           for rows in ((1, 0), (0, 1)) for cols in ((1, 0), (0, 1))},
+        ((2, 8, 8, 96), (3, 3, 96, 32), (1, 1), same): 1,
+        ((2, 8, 8, 64), (3, 3, 64, 32), (1, 1), same): 1,
+        ((2, 8, 8, 32), (3, 3, 32, 3), (1, 1), same): 1,
+    }
+    layers = bench_conv_cpu.conv_layers(config, 2)
+    found = {(tuple(layer['input']), tuple(layer['kernel']), tuple(layer['strides']),
+              tuple(tuple(p) for p in layer['padding'])): layer['count'] for layer in layers}
+    assert found == expected and len(layers) == len(expected)
+    layer = layers[1]   # [2, 8, 8, 32], 3x3 32 -> 32: 2 * B * H * W * 9 * C_in * C_out per convolution, times 3
+    assert bench_conv_cpu.gflop(layer) == 3 * 2 * 2 * 8 * 8 * 9 * 32 * 32 / 1e9
+    assert bench_conv_cpu.gflop(layers[2]) == 3 * 2 * 2 * 4 * 4 * 9 * 32 * 32 / 1e9   # stride 2: 4x4 outputs
+
+
+def test_conv_bench_smoke_run_times_every_shape_and_sums_the_step(tmp_path, monkeypatch, capsys):
+    # PyTorch made unavailable: the run goes on with the JAX implementations and says so.
+    monkeypatch.setattr(bench_conv_cpu, 'import_torch', lambda threads: None)
+    out = tmp_path / 'conv.json'
+    result = bench_conv_cpu.main(['--smoke', '--batch_sizes=2', '--rounds=2', '--impls=ddpm_jax,xla_default,torch',
+                                  f'--out={out}'])
+    assert 'PyTorch is not installed' in capsys.readouterr().out
+    with open(out) as f:
+        assert json.load(f)['batches'] == json.loads(json.dumps(result['batches']))
+    assert result['impls'] == ['ddpm_jax', 'xla_default'] and result['torch_version'] is None
+    (batch,) = result['batches']
+    rows = batch['rows']
+    assert [row['count'] for row in rows] == [1, 8, 2, 1]   # conv_in, 32 -> 32, concat(32, 32) -> 32, conv_out
+    for row in rows:
+        assert row['disagreement']['ddpm_jax'] == 0.0 and row['disagreement']['xla_default'] < 1e-5
+        for impl in result['impls']:
+            assert len(row['ms'][impl]) == 2 and all(t > 0 for t in row['ms'][impl])
+            assert row['ms_median'][impl] == pytest.approx(float(np.median(row['ms'][impl])))
+    summary = batch['summary']
+    for impl in result['impls']:
+        total = sum(row['count'] * row['ms_median'][impl] for row in rows)
+        assert summary['ms'][impl] == pytest.approx(total)
+        assert summary['gflop_s'][impl] == pytest.approx(summary['gflop'] / (total / 1e3))
+    assert summary['gflop'] == pytest.approx(sum(row['count'] * row['gflop'] for row in rows))
+
+
+def test_conv_bench_stops_when_an_implementation_computes_another_function(monkeypatch):
+    # The agreement check must fail when a side differs: here xla_default's kernel gradient doubled.
+    layer = dict(input=[2, 4, 4, 8], kernel=[3, 3, 8, 8], strides=[1, 1], padding=[[1, 1], [1, 1]], count=1)
+    program = bench_conv_cpu.jax_program
+
+    def wrong(layer, impl):
+        if impl == 'ddpm_jax':
+            return program(layer, impl)
+        return jax.jit(lambda *operands: (lambda y, dx, dkernel: (y, dx, 2 * dkernel))(
+            *program(layer, impl)(*operands)))
+    monkeypatch.setattr(bench_conv_cpu, 'jax_program', wrong)
+    with pytest.raises(RuntimeError, match='xla_default and ddpm_jax disagree'):
+        bench_conv_cpu.bench_layer(layer, ['ddpm_jax', 'xla_default'], None, rounds=1, seed=0)
+
