@@ -17,8 +17,12 @@ kernel) for a random cotangent, in one program:
 The first layer's input gradient is not needed by a train step; it is timed with the others (3 channels: ~1%).
 Before timing, each shape's three results are compared with ddpm_jax's (largest difference / largest value; an
 error above 1e-4 means the two computed different functions and stops the run). Rounds interleave the
-implementations (order reversed every other round); per shape the median over rounds, GFLOP/s (3 convolutions'
-worth of multiply-adds), and `total`: the sum of count x median, the convolutions' share of one train step.
+implementations (order reversed every other round). Each implementation's turn starts with an untimed call, then
+--calls timed ones back to back, as the convolutions of a train step follow other work of the same runtime: after
+each call PyTorch's OpenMP threads spin for a few ms, and in this one process that slowed the JAX call right
+after it (a 10 ms convolution by up to 60%); the untimed call absorbs it (and JAX's own threads' wake-up) on
+either side. Per shape the median over all timed calls, GFLOP/s (3 convolutions' worth of multiply-adds), and
+`total`: the sum of count x median, the convolutions' share of one train step.
 
 Only the kernels are compared: the networks around them (GroupNorm, attention, the optimiser) are
 bench_cpu_vs_torch.py's. Threads: JAX's CPU client uses every core it sees; run on a machine (or under
@@ -167,21 +171,22 @@ def disagreement(results: list[np.ndarray], reference: list[np.ndarray]) -> floa
                      max(float(np.max(np.abs(b))), 1e-30)) for a, b in zip(results, reference))
 
 
-def bench_layer(layer: dict, impls: list[str], torch, rounds: int, seed: int) -> dict:
-    """Times one shape: per implementation the list of round times (ms); checks agreement first."""
+def bench_layer(layer: dict, impls: list[str], torch, rounds: int, seed: int, calls: int = 2) -> dict:
+    """Times one shape: per implementation the times (ms) of `calls` timed calls per round, each turn after one
+    untimed call; checks agreement first."""
     x, kernel, cotangent = random_operands(layer, seed)
-    calls, reference = {}, None
+    runners, reference = {}, None
     for impl in impls:
         if impl == 'torch':
             torch_conv = TorchConv(torch, layer, x, kernel, cotangent)
-            calls[impl] = torch_conv
+            runners[impl] = torch_conv
             results = torch_conv.as_nhwc(torch_conv())
         else:
             operands = [jax.device_put(a) for a in (x, kernel, cotangent)]
             program = jax_program(layer, impl).lower(*operands).compile()
-            calls[impl] = (lambda program=program, operands=operands:
-                           jax.block_until_ready(program(*operands)))
-            results = [np.asarray(r) for r in calls[impl]()]
+            runners[impl] = (lambda program=program, operands=operands:
+                             jax.block_until_ready(program(*operands)))
+            results = [np.asarray(r) for r in runners[impl]()]
         if reference is None:
             reference, errors = results, {impl: 0.0}
         else:
@@ -192,9 +197,11 @@ def bench_layer(layer: dict, impls: list[str], torch, rounds: int, seed: int) ->
     times = {impl: [] for impl in impls}
     for round_index in range(rounds):
         for impl in (impls if round_index % 2 == 0 else impls[::-1]):
-            start = time.perf_counter()
-            calls[impl]()
-            times[impl].append(1e3 * (time.perf_counter() - start))
+            runners[impl]()
+            for _ in range(calls):
+                start = time.perf_counter()
+                runners[impl]()
+                times[impl].append(1e3 * (time.perf_counter() - start))
     return dict(layer, gflop=gflop(layer), disagreement=errors, ms=times,
                 ms_median={impl: statistics.median(t) for impl, t in times.items()})
 
@@ -216,7 +223,7 @@ def format_table(batch_size: int, rows: list[dict], summary: dict, impls: list[s
     first = impls[0]
     head = ' | '.join(f'{impl} ms' for impl in impls)
     ratios = ' | '.join(f'{impl} / {first}' for impl in impls[1:])
-    lines = [f'batch {batch_size}: forward + input and kernel gradients, median ms over rounds', '',
+    lines = [f'batch {batch_size}: forward + input and kernel gradients, median ms over the timed calls', '',
              f'| input [B, H, W, C] | kernel | stride, padding | count | {head} | {ratios} | {first} GFLOP/s |',
              '| --- | --- | --- | --- |' + ' --- |' * (2 * len(impls))]
     for row in rows:
@@ -253,7 +260,8 @@ def main(argv=None) -> dict:
     parser.add_argument('--batch_sizes', default=None, help='comma list (default 8,32; smoke 2)')
     parser.add_argument('--impls', default='ddpm_jax,torch', help=f'comma list of {",".join(IMPLS)}; the first is '
                         'the reference of the ratios and the agreement check')
-    parser.add_argument('--rounds', type=int, default=None, help='timed rounds per shape (default 5; smoke 2)')
+    parser.add_argument('--rounds', type=int, default=None, help='rounds per shape (default 5; smoke 2)')
+    parser.add_argument('--calls', type=int, default=2, help='timed calls per implementation and round')
     parser.add_argument('--threads', type=int, default=2, help="PyTorch's intra-op threads (0: its default)")
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--out', default=None, help='JSON result path')
@@ -266,8 +274,9 @@ def main(argv=None) -> dict:
         raise ValueError('--impls: put a JAX implementation first (the reference of the ratios)')
     batch_sizes = bench_train.parse_list(args.batch_sizes or ('2' if args.smoke else '8,32'), int, 'batch_sizes')
     rounds = args.rounds or (2 if args.smoke else 5)
-    if rounds < 1 or min(batch_sizes) < 1:
-        raise ValueError(f'--rounds and --batch_sizes must be >= 1, got {rounds} and {batch_sizes}')
+    if rounds < 1 or args.calls < 1 or min(batch_sizes) < 1:
+        raise ValueError(f'--rounds, --calls and --batch_sizes must be >= 1, got {rounds}, {args.calls} and '
+                         f'{batch_sizes}')
     torch = import_torch(args.threads) if 'torch' in impls else None
     if 'torch' in impls and torch is None:
         print('PyTorch is not installed: timing the JAX implementations only (pip install torch for the '
@@ -277,12 +286,12 @@ def main(argv=None) -> dict:
     config, parsed = bench_train.load_config(args.config, overrides)
     result = dict(benchmark='bench_conv_cpu', date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                   device=bench_train.device_info(), config=args.config, smoke=args.smoke, overrides=parsed,
-                  impls=impls, rounds=rounds, threads=args.threads,
+                  impls=impls, rounds=rounds, calls=args.calls, threads=args.threads,
                   torch_version=None if torch is None else torch.__version__, batches=[])
     for batch_size in batch_sizes:
         rows = []
         for index, layer in enumerate(conv_layers(config, batch_size)):
-            rows.append(bench_layer(layer, impls, torch, rounds, args.seed + index))
+            rows.append(bench_layer(layer, impls, torch, rounds, args.seed + index, args.calls))
             print(f'batch {batch_size}: {layer["input"]} {layer["kernel"]} x{layer["count"]}: '
                   + ', '.join(f'{impl} {rows[-1]["ms_median"][impl]:.1f} ms' for impl in impls), flush=True)
         summary = summarize(rows, impls)

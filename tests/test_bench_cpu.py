@@ -163,13 +163,14 @@ def test_conv_bench_smoke_run_times_every_shape_and_sums_the_step(tmp_path, monk
     with open(out) as f:
         assert json.load(f)['batches'] == json.loads(json.dumps(result['batches']))
     assert result['impls'] == ['ddpm_jax', 'xla_default'] and result['torch_version'] is None
+    assert result['rounds'] == 2 and result['calls'] == 2
     (batch,) = result['batches']
     rows = batch['rows']
     assert [row['count'] for row in rows] == [1, 8, 2, 1]   # conv_in, 32 -> 32, concat(32, 32) -> 32, conv_out
     for row in rows:
         assert row['disagreement']['ddpm_jax'] == 0.0 and row['disagreement']['xla_default'] < 1e-5
         for impl in result['impls']:
-            assert len(row['ms'][impl]) == 2 and all(t > 0 for t in row['ms'][impl])
+            assert len(row['ms'][impl]) == 2 * 2 and all(t > 0 for t in row['ms'][impl])   # rounds x calls
             assert row['ms_median'][impl] == pytest.approx(float(np.median(row['ms'][impl])))
     summary = batch['summary']
     for impl in result['impls']:
