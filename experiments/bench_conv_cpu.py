@@ -14,7 +14,8 @@ kernel) for a random cotangent, in one program:
   * xla_default: plain `jax.jit` (XLA:CPU's default, YNNPACK's convolutions), when asked for with --impls;
   * torch: `torch.nn.functional.conv2d` and `backward()` (NCHW, the same function: asymmetric padding through
     `F.pad`), with `torch.set_num_threads(--threads)`; skipped with a note when PyTorch is not installed.
-The first layer's input gradient is not needed by a train step; it is timed with the others (3 channels: ~1%).
+The first layer's input gradient is not needed by a train step; it is timed with the others (that layer is
+under 0.5% of the total).
 Before timing, each shape's three results are compared with ddpm_jax's (largest difference / largest value; an
 error above 1e-4 means the two computed different functions and stops the run). Rounds interleave the
 implementations (order reversed every other round). Each implementation's turn starts with an untimed call, then
