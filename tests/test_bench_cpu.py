@@ -148,6 +148,8 @@ def test_conv_layers_are_every_convolution_of_the_network():
     found = {(tuple(layer['input']), tuple(layer['kernel']), tuple(layer['strides']),
               tuple(tuple(p) for p in layer['padding'])): layer['count'] for layer in layers}
     assert found == expected and len(layers) == len(expected)
+    # With remat every block's convolutions sit inside a nested jaxpr (nn.remat's checkpoint): found all the same.
+    assert bench_conv_cpu.conv_layers(smoke_config(['model.ch_mult=(1, 2)', 'model.remat=True']), 2) == layers
     layer = layers[1]   # [2, 8, 8, 32], 3x3 32 -> 32: 2 * B * H * W * 9 * C_in * C_out per convolution, times 3
     assert bench_conv_cpu.gflop(layer) == 3 * 2 * 2 * 8 * 8 * 9 * 32 * 32 / 1e9
     assert bench_conv_cpu.gflop(layers[2]) == 3 * 2 * 2 * 4 * 4 * 9 * 32 * 32 / 1e9   # stride 2: 4x4 outputs
