@@ -72,7 +72,7 @@ def main(argv=None) -> dict:
     if jax.default_backend() == 'cpu':
         host_memory.keep_freed_memory()   # as `ddpm_jax.main --mode=train` runs on CPU-only machines
 
-    smoke = [f'{key}={value!r}' for key, value in bench_train.SMOKE_OVERRIDES.items()] if args.smoke else []
+    smoke = bench_train.smoke_override_words() if args.smoke else []
     mesh = parallel.make_mesh()
     parallel.check_global_batch(args.batch_size, mesh)
     runs = []

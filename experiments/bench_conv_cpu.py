@@ -283,7 +283,7 @@ def main(argv=None) -> dict:
         print('PyTorch is not installed: timing the JAX implementations only (pip install torch for the '
               'comparison)', flush=True)
         impls.remove('torch')
-    overrides = ([f'{k}={v!r}' for k, v in bench_train.SMOKE_OVERRIDES.items()] if args.smoke else []) + args.set
+    overrides = (bench_train.smoke_override_words() if args.smoke else []) + args.set
     config, parsed = bench_train.load_config(args.config, overrides)
     result = dict(benchmark='bench_conv_cpu', date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                   device=bench_train.device_info(), config=args.config, smoke=args.smoke, overrides=parsed,

@@ -129,7 +129,7 @@ def main(argv=None) -> dict:
 
     overrides = list(args.set)
     if args.smoke:
-        overrides = [f'{k}={v!r}' for k, v in bench_train.SMOKE_OVERRIDES.items()] + overrides
+        overrides = bench_train.smoke_override_words() + overrides
     config, parsed = bench_train.load_config(args.config, overrides)
     config_name = os.path.splitext(os.path.basename(args.config))[0] + ('_smoke' if args.smoke else '')
     dtypes = bench_train.parse_list(args.dtypes or config.model.dtype, str, 'dtypes', bench_train.DTYPES)

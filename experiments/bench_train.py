@@ -77,6 +77,11 @@ SMOKE_OVERRIDES = {
 
 # ------------------------------------------------------------------------------------------- shared helpers
 
+def smoke_override_words() -> list[str]:
+    """SMOKE_OVERRIDES as `load_config` override words: ['data.image_size=8', ...]."""
+    return [f'{key}={value!r}' for key, value in SMOKE_OVERRIDES.items()]
+
+
 def load_config(path: str, overrides: list[str]):
     """config from the file's get_config() with `key.sub=value` overrides (values parsed as Python literals,
     anything else kept as a string). Returns (config, {key: value}).
@@ -494,7 +499,7 @@ def main(argv=None) -> dict:
 
     overrides = list(args.set)
     if args.smoke:
-        overrides = [f'{k}={v!r}' for k, v in SMOKE_OVERRIDES.items()] + overrides
+        overrides = smoke_override_words() + overrides
     config, parsed = load_config(args.config, overrides)
     config_name = os.path.splitext(os.path.basename(args.config))[0] + ('_smoke' if args.smoke else '')
     dtypes = parse_list(args.dtypes or config.model.dtype, str, 'dtypes', DTYPES)

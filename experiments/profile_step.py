@@ -797,7 +797,7 @@ def main(argv=None) -> dict:
         raise ValueError(f'--batch_size={args.batch_size} must be positive')
     overrides = list(args.set)
     if args.smoke:
-        overrides = [f'{k}={v!r}' for k, v in bench_train.SMOKE_OVERRIDES.items()] + overrides
+        overrides = bench_train.smoke_override_words() + overrides
     config, parsed = bench_train.load_config(args.config, overrides)
     dtype = bench_train.parse_list(args.dtype or config.model.dtype, str, 'dtype', bench_train.DTYPES)[0]
     if args.trace_dir:

@@ -116,9 +116,9 @@ def test_in_process_ab_smoke_run(tmp_path, monkeypatch):
 
 def smoke_config(overrides: list):
     """The benchmarks' tiny config (bench_train.SMOKE_OVERRIDES) with further `key=value` overrides."""
-    return bench_conv_cpu.bench_train.load_config(
-        os.path.join(REPO_ROOT, 'configs', 'cifar10.py'),
-        [f'{k}={v!r}' for k, v in bench_conv_cpu.bench_train.SMOKE_OVERRIDES.items()] + overrides)[0]
+    bench_train = bench_conv_cpu.bench_train
+    return bench_train.load_config(os.path.join(REPO_ROOT, 'configs', 'cifar10.py'),
+                                   bench_train.smoke_override_words() + overrides)[0]
 
 
 def test_conv_layers_are_every_convolution_of_the_network():
