@@ -43,11 +43,15 @@ def get_config() -> ml_collections.ConfigDict:
     # per train step). fast_variance: one-pass GroupNorm variance E[x^2] - E[x]^2
     # (one read of each activation less; the official code is two-pass). upsample: 'subpixel' (the x2 upsampling
     # conv as four 2x2 convs on the low-resolution input, 2.25x fewer FLOPs) or 'repeat' (the official order:
-    # repeat pixels, then the 3x3 conv). Checkpoints load whatever these are.
+    # repeat pixels, then the 3x3 conv). conv3x3: how the residual blocks' 3x3 convolutions run: 'xla' (XLA's
+    # convolution), 'winograd' (Winograd F(4x4, 3x3): 4x fewer multiply-adds, float32 error ~1e-5 of the largest
+    # output instead of ~1e-6) or 'auto' (Winograd only on CPU, for the large layers where it is faster there).
+    # Checkpoints load whatever these are.
     model.attention = 'einsum'
     model.remat = False
     model.fast_variance = False
     model.upsample = 'subpixel'
+    model.conv3x3 = 'auto'
 
     # Diffusion (paper Sec. 2-3; official diffusion_tf/diffusion_utils_2.py).
     diffusion = config.diffusion = ml_collections.ConfigDict()

@@ -46,7 +46,7 @@ _COMPATIBILITY_KEYS = ('model', 'diffusion', 'data.image_size', 'data.channels')
 # change neither the params nor what the network predicts (the loss trains the same output; dropout is off at
 # evaluation). model_var_type may change among the fixed variances (paper Table 2 samples one model with both).
 _COMPUTE_SWITCHES = ('model.dtype', 'model.attention', 'model.remat', 'model.fast_variance', 'model.upsample',
-                     'model.dropout', 'diffusion.loss_type', 'diffusion.hybrid_lambda')
+                     'model.conv3x3', 'model.dropout', 'diffusion.loss_type', 'diffusion.hybrid_lambda')
 _FIXED_VAR_TYPES = ('fixedsmall', 'fixedlarge')
 
 

@@ -169,6 +169,7 @@ def _check_model(problems: _Problems) -> None:
     problems.choice('model.dtype', tuple(unet.COMPUTE_DTYPES))
     problems.choice('model.attention', unet.ATTENTION_IMPLS)
     problems.choice('model.upsample', unet.UPSAMPLE_IMPLS)
+    problems.choice('model.conv3x3', unet.CONV3X3_IMPLS)
     image_size = problems.config.data.image_size
     if _is_int(image_size) and image_size > 0 and levels is not None:
         resolutions = [image_size // 2 ** i for i in range(levels)]

@@ -3,14 +3,19 @@
     python experiments/bench_conv_cpu.py --config=configs/cifar10.py --batch_sizes=8,32 --threads=2 --out=conv.json
     python experiments/bench_conv_cpu.py --smoke            # seconds; PyTorch only when installed
 
-Which convolutions: every `conv_general_dilated` of the model's training forward pass, found by tracing the U-Net
-(`jax.make_jaxpr`, abstract parameters), grouped by input shape, kernel shape, strides and padding, with how often
+Which convolutions: every `conv_general_dilated` of the model's training forward pass with model.conv3x3='xla',
+found by tracing the U-Net (`jax.make_jaxpr`, abstract parameters), grouped by input shape, kernel shape, strides and padding, with how often
 each occurs. The CIFAR-10 network has 61 convolutions in 28 such groups (each of its three subpixel
 upsamplings is four 2x2 convolutions with different paddings).
 
 What is timed per shape, as the train step needs it: the forward convolution and both gradients (input and
 kernel) for a random cotangent, in one program:
-  * ddpm_jax: `ddpm_jax.xla_cpu.jit` (on CPU, XLA's Eigen convolutions; what the train step compiles);
+  * ddpm_jax: what the train step compiles for that shape under the config's model.conv3x3 (`algorithm` in the
+    table): Winograd F(4x4, 3x3) (`ddpm_jax.models.winograd.conv3x3`) with its own gradients ('winograd') or
+    XLA's ('winograd+xla_grads') where `winograd.plan` picks it, else XLA's convolution ('xla'); all through
+    `ddpm_jax.xla_cpu.jit` (on CPU, XLA's Eigen convolutions);
+  * eigen: XLA's convolution through `ddpm_jax.xla_cpu.jit` for every shape (ddpm_jax with model.conv3x3='xla'),
+    when asked for with --impls;
   * xla_default: plain `jax.jit` (XLA:CPU's default, YNNPACK's convolutions), when asked for with --impls;
   * torch: `torch.nn.functional.conv2d` and `backward()` (NCHW, the same function: asymmetric padding through
     `F.pad`), with `torch.set_num_threads(--threads)`; skipped with a note when PyTorch is not installed.
@@ -45,8 +50,9 @@ import numpy as np  # pylint: disable=wrong-import-position,g-bad-import-order
 from ddpm_jax import xla_cpu  # pylint: disable=wrong-import-position
 from ddpm_jax.models import params as params_lib  # pylint: disable=wrong-import-position
 from ddpm_jax.models import unet  # pylint: disable=wrong-import-position
+from ddpm_jax.models import winograd  # pylint: disable=wrong-import-position
 
-IMPLS = ('ddpm_jax', 'xla_default', 'torch')
+IMPLS = ('ddpm_jax', 'eigen', 'xla_default', 'torch')
 MAX_DISAGREEMENT = 1e-4   # float32 sums in another order: 1e-6 - 1e-5 of the largest value seen (CIFAR-10, batch 32)
 
 
@@ -85,8 +91,27 @@ def _convolutions_in(jaxpr) -> list[tuple]:
 
 def conv_layers(config, batch_size: int) -> list[dict]:
     """The convolutions of `unet.create_model(config)`'s training forward pass at batch_size, grouped:
-    [{'input': [B, H, W, C_in], 'kernel': [kh, kw, C_in, C_out], 'strides', 'padding', 'count'}], in order of
-    first occurrence."""
+    [{'input': [B, H, W, C_in], 'kernel': [kh, kw, C_in, C_out], 'strides', 'padding', 'count', 'algorithm'}], in
+    order of first occurrence. Traced with model.conv3x3='xla', so that every convolution shows. 'algorithm': for
+    the groups that the config's own model.conv3x3 computes as winograd.conv3x3 on this platform (they vanish from
+    its trace) 'winograd' or 'winograd+xla_grads' (`winograd.plan`'s choice of gradients), else 'xla'."""
+    xla_config = config.copy_and_resolve_references()
+    xla_config.model.conv3x3 = 'xla'
+    counts = _convolution_counts(xla_config, batch_size)
+    remaining = _convolution_counts(config, batch_size)
+    return [dict(input=list(k[0]), kernel=list(k[1]), strides=list(k[2]), padding=[list(p) for p in k[3]],
+                 count=n, algorithm=_algorithm(config, k) if remaining.get(k) != n else 'xla')
+            for k, n in counts.items()]
+
+
+def _algorithm(config, key: tuple) -> str:
+    """'winograd' or 'winograd+xla_grads': how winograd.conv3x3 computes the convolution `key`'s gradients."""
+    gradients = winograd.plan(config.model.conv3x3, key[0], key[1], np.float32, jax.default_backend())
+    return 'winograd' if gradients == 'winograd' else 'winograd+xla_grads'
+
+
+def _convolution_counts(config, batch_size: int) -> dict:
+    """{(input shape, kernel shape, strides, padding): how often} over the traced training forward pass."""
     model, shape = unet.create_model(config), params_lib.image_shape(config.data)
     params = params_lib.abstract_params(model, shape)
     x = jax.ShapeDtypeStruct((batch_size, *shape), np.float32)
@@ -97,8 +122,7 @@ def conv_layers(config, batch_size: int) -> list[dict]:
     counts = {}
     for key in _convolutions_in(jax.make_jaxpr(forward)(params, x, t).jaxpr):
         counts[key] = counts.get(key, 0) + 1
-    return [dict(input=list(k[0]), kernel=list(k[1]), strides=list(k[2]), padding=[list(p) for p in k[3]],
-                 count=n) for k, n in counts.items()]
+    return counts
 
 
 def gflop(layer: dict) -> float:
@@ -130,14 +154,17 @@ def random_operands(layer: dict, seed: int) -> tuple[np.ndarray, np.ndarray, np.
 def jax_program(layer: dict, impl: str):
     """(x, kernel, cotangent) -> (y, dx, dkernel), all NHWC / HWIO, compiled as `impl` compiles it."""
     strides, padding = tuple(layer['strides']), tuple(tuple(p) for p in layer['padding'])
+    algorithm = layer.get('algorithm', 'xla') if impl == 'ddpm_jax' else 'xla'
 
     def conv(x, kernel):
+        if algorithm != 'xla':
+            return winograd.conv3x3(x, kernel, 'winograd' if algorithm == 'winograd' else 'xla')
         return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
     def forward_and_gradients(x, kernel, cotangent):
         y, vjp = jax.vjp(conv, x, kernel)
         return (y, *vjp(cotangent))
-    return (xla_cpu.jit if impl == 'ddpm_jax' else jax.jit)(forward_and_gradients)
+    return (jax.jit if impl == 'xla_default' else xla_cpu.jit)(forward_and_gradients)
 
 
 class TorchConv:
@@ -225,19 +252,21 @@ def format_table(batch_size: int, rows: list[dict], summary: dict, impls: list[s
     head = ' | '.join(f'{impl} ms' for impl in impls)
     ratios = ' | '.join(f'{impl} / {first}' for impl in impls[1:])
     lines = [f'batch {batch_size}: forward + input and kernel gradients, median ms over the timed calls', '',
-             f'| input [B, H, W, C] | kernel | stride, padding | count | {head} | {ratios} | {first} GFLOP/s |',
-             '| --- | --- | --- | --- |' + ' --- |' * (2 * len(impls))]
+             f'| input [B, H, W, C] | kernel | stride, padding | count | algorithm | {head} | {ratios} | '
+             f'{first} GFLOP/s |',
+             '| --- | --- | --- | --- | --- |' + ' --- |' * (2 * len(impls))]
     for row in rows:
         ms = row['ms_median']
         cells = ' | '.join(f'{ms[impl]:.1f}' for impl in impls)
         ratio_cells = ' | '.join(f'{ms[impl] / ms[first]:.2f}' for impl in impls[1:])
         lines.append(f'| {row["input"]} | {row["kernel"][0]}x{row["kernel"][1]}, {row["kernel"][2]} -> '
-                     f'{row["kernel"][3]} | {row["strides"][0]}, {_padding_text(row["padding"])} | {row["count"]} | {cells} | '
+                     f'{row["kernel"][3]} | {row["strides"][0]}, {_padding_text(row["padding"])} | {row["count"]} | '
+                     f'{row["algorithm"]} | {cells} | '
                      f'{ratio_cells} | '
                      f'{row["gflop"] / (ms[first] / 1e3):.0f} |')
     cells = ' | '.join(f'{summary["ms"][impl]:.0f}' for impl in impls)
     ratio_cells = ' | '.join(f'{summary["ms"][impl] / summary["ms"][first]:.2f}' for impl in impls[1:])
-    lines.append(f'| total (count x median) | | | {sum(r["count"] for r in rows)} | {cells} | {ratio_cells} | '
+    lines.append(f'| total (count x median) | | | {sum(r["count"] for r in rows)} | | {cells} | {ratio_cells} | '
                  f'{summary["gflop_s"][first]:.0f} |')
     return '\n'.join(lines)
 

@@ -148,6 +148,20 @@ def test_conv_layers_are_every_convolution_of_the_network():
     found = {(tuple(layer['input']), tuple(layer['kernel']), tuple(layer['strides']),
               tuple(tuple(p) for p in layer['padding'])): layer['count'] for layer in layers}
     assert found == expected and len(layers) == len(expected)
+    # At batch 2 model.conv3x3='auto' keeps XLA's convolution everywhere (winograd.MIN_MATMUL_SIZE); with
+    # 'winograd' the residual blocks' convolutions (3x3, stride 1, padded by 1, 8x8 and 4x4) are Winograd's, and
+    # conv_in (3 input channels), conv_out (3 outputs), the downsampling and the 2x2 upsampling stay XLA's.
+    assert {layer['algorithm'] for layer in layers} == {'xla'}
+    winograd_layers = bench_conv_cpu.conv_layers(smoke_config(['model.ch_mult=(1, 2)', 'model.conv3x3=winograd']), 2)
+    assert [{k: v for k, v in layer.items() if k != 'algorithm'} for layer in winograd_layers] == \
+        [{k: v for k, v in layer.items() if k != 'algorithm'} for layer in layers]
+    block_shapes = {((2, 8, 8, 32), (3, 3, 32, 32)), ((2, 4, 4, 32), (3, 3, 32, 64)), ((2, 4, 4, 64), (3, 3, 64, 64)),
+                    ((2, 4, 4, 128), (3, 3, 128, 64)), ((2, 4, 4, 96), (3, 3, 96, 64)),
+                    ((2, 8, 8, 96), (3, 3, 96, 32)), ((2, 8, 8, 64), (3, 3, 64, 32))}
+    assert [layer['algorithm'] for layer in winograd_layers] == [
+        'winograd' if (tuple(layer['input']), tuple(layer['kernel'])) in block_shapes and layer['strides'] == [1, 1]
+        else 'xla' for layer in winograd_layers]
+    assert [layer['algorithm'] for layer in winograd_layers].count('winograd') == len(block_shapes)
     # With remat every block's convolutions sit inside a nested jaxpr (nn.remat's checkpoint): found all the same.
     assert bench_conv_cpu.conv_layers(smoke_config(['model.ch_mult=(1, 2)', 'model.remat=True']), 2) == layers
     layer = layers[1]   # [2, 8, 8, 32], 3x3 32 -> 32: 2 * B * H * W * 9 * C_in * C_out per convolution, times 3
@@ -180,6 +194,19 @@ def test_conv_bench_smoke_run_times_every_shape_and_sums_the_step(tmp_path, monk
         assert summary['ms'][impl] == pytest.approx(total)
         assert summary['gflop_s'][impl] == pytest.approx(summary['gflop'] / (total / 1e3))
     assert summary['gflop'] == pytest.approx(sum(row['count'] * row['gflop'] for row in rows))
+
+
+def test_conv_bench_times_winograd_where_the_package_uses_it(monkeypatch):
+    # With model.conv3x3=winograd, ddpm_jax runs winograd.conv3x3 for the residual blocks' convolutions and
+    # 'eigen' XLA's convolution: the two agree to float32 rounding (Winograd's transforms add ~1e-6 here).
+    monkeypatch.setattr(bench_conv_cpu, 'import_torch', lambda threads: None)
+    result = bench_conv_cpu.main(['--smoke', '--batch_sizes=2', '--rounds=1', '--calls=1', '--impls=ddpm_jax,eigen',
+                                  '--set=model.conv3x3=winograd'])
+    rows = result['batches'][0]['rows']
+    assert [row['algorithm'] for row in rows] == ['xla', 'winograd', 'winograd', 'xla']
+    for row in rows:
+        error = row['disagreement']['eigen']
+        assert (error == 0.0) if row['algorithm'] == 'xla' else (0.0 < error < 1e-5), row
 
 
 def test_conv_bench_stops_when_an_implementation_computes_another_function(monkeypatch):

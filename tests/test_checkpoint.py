@@ -222,15 +222,16 @@ def test_incompatible_config_is_refused_naming_the_keys(tmp_path, config, mesh):
     _, step = checkpoint.restore_ema_params(workdir, longer)
     assert step == 1
     # Nor do the compute switches: a float32 run's checkpoint is sampled in bfloat16, with other attention
-    # code, remat or one-pass GroupNorm variance; also when the saved config predates a switch.
+    # code, remat, one-pass GroupNorm variance or Winograd convolutions; also when the saved config predates a
+    # switch.
     switched = multihost_worker.tiny_config(**{'model.dtype': 'bfloat16', 'model.attention': 'dot_product',
                                                'model.remat': True, 'model.fast_variance': True,
-                                               'model.upsample': 'repeat'})
+                                               'model.upsample': 'repeat', 'model.conv3x3': 'winograd'})
     params, step = checkpoint.restore_ema_params(workdir, switched)
     assert step == 1
     _assert_state_equal(params, _state_at(config, mesh, 1).ema_params)
     saved = multihost_worker.tiny_config().to_dict()
-    del saved['model']['fast_variance'], saved['model']['upsample']
+    del saved['model']['fast_variance'], saved['model']['upsample'], saved['model']['conv3x3']
     checkpoint.check_compatible(saved, switched)
     # Evaluation-time choices: another fixed variance, loss or dropout; a learned variance changes the params.
     saved = multihost_worker.tiny_config().to_dict()

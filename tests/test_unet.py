@@ -218,7 +218,7 @@ def test_output_shape_full_size(kwargs, size):
 SWITCHES_SAME_ARITHMETIC = [{}, dict(fast_variance=True), dict(upsample='repeat')]
 
 
-@pytest.mark.parametrize('switches', SWITCHES_SAME_ARITHMETIC)
+@pytest.mark.parametrize('switches', SWITCHES_SAME_ARITHMETIC + [dict(conv3x3='winograd')])
 def test_forward_matches_numpy_reference_float64(tiny_case, switches):
     params, x, t, reference = tiny_case
     with jax.enable_x64(True):
@@ -241,6 +241,25 @@ def test_forward_matches_numpy_reference_float32(tiny_case, switches):
     # float32 epsilon 1.2e-7 accumulated over ~30 layers (and sin(987) in float32, as the official code
     # does); measured 1.1e-6 relative to the largest output.
     np.testing.assert_allclose(np.asarray(out), reference, rtol=0, atol=1e-5 * np.abs(reference).max())
+
+
+def test_winograd_convolutions_float32(tiny_case):
+    # conv3x3='winograd' computes the residual blocks' 3x3 convolutions (here 8x8 and 4x4, all divisible by 4) by
+    # Winograd F(4x4, 3x3); the float64 test above shows it is the same function. In float32 its transforms
+    # multiply each convolution's rounding error by a few (ddpm_jax/models/winograd.py): measured 1.6e-6 of the
+    # largest output against the float64 reference (1.1e-6 with XLA's convolutions).
+    params, x, t, reference = tiny_case
+    params32 = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+    model = UNet(**TINY, conv3x3='winograd')
+    x, t = jnp.asarray(x, jnp.float32), jnp.asarray(t)
+    np.testing.assert_allclose(np.asarray(run(model, params32, x, t)), reference, rtol=0,
+                               atol=1e-5 * np.abs(reference).max())
+    # Winograd replaced exactly the residual blocks' convolutions: 2 per block (TINY: 4 down, 2 middle and 6 up
+    # blocks), leaving conv_in, conv_out, the downsampling conv and the four 2x2 convs of the subpixel upsampling.
+    def conv_count(conv3x3):
+        jaxpr = jax.make_jaxpr(lambda p: UNet(**TINY, conv3x3=conv3x3).apply({'params': p}, x, t, train=False))
+        return str(jaxpr(params32)).count('conv_general_dilated[')
+    assert conv_count('xla') - conv_count('winograd') == 2 * (2 * 2 + 2 + 3 * 2) == 24
 
 
 def test_bfloat16_compute_close_to_float32(tiny_case):
@@ -333,7 +352,7 @@ def test_rejects_bad_input_shapes():
 def test_speed_switches_keep_parameter_tree():
     reference = abstract_init(UNet(**TINY), 8)
     for switches in (dict(attention='dot_product'), dict(remat=True), dict(fast_variance=True),
-                     dict(upsample='repeat')):
+                     dict(upsample='repeat'), dict(conv3x3='winograd')):
         params = abstract_init(UNet(**TINY, **switches), 8)
         assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(reference), switches
         assert jax.tree.map(lambda p: p.shape, params) == jax.tree.map(lambda p: p.shape, reference), switches
@@ -413,6 +432,9 @@ def test_create_model_reads_speed_switches():
         ('subpixel', 'repeat')
     with pytest.raises(ValueError, match=r"config\.model\.upsample='nearest'; allowed"):
         create_model(_config(upsample='nearest'))
+    assert (create_model(_config()).conv3x3, create_model(_config(conv3x3='xla')).conv3x3) == ('auto', 'xla')
+    with pytest.raises(ValueError, match=r"config\.model\.conv3x3='fft'; allowed"):
+        create_model(_config(conv3x3='fft'))
 
 
 @pytest.mark.parametrize('height, width', [(4, 4), (3, 5)])

@@ -49,6 +49,7 @@ BAD_VALUES = [
     ({'model.dtype': 'float16'}, 'sample', "config.model.dtype='float16': unknown; allowed: float32, bfloat16"),
     ({'model.attention': 'flash'}, 'train', "config.model.attention='flash': unknown"),
     ({'model.upsample': 'nearest'}, 'train', "config.model.upsample='nearest': unknown"),
+    ({'model.conv3x3': 'fft'}, 'train', "config.model.conv3x3='fft': unknown; allowed: auto, xla, winograd"),
     ({'training.num_train_steps': 0}, 'train', 'config.training.num_train_steps=0: must be a positive integer'),
     ({'training.checkpoint_every_steps': -5}, 'train', 'config.training.checkpoint_every_steps=-5'),
     ({'training.steps_per_dispatch': 0}, 'train', 'config.training.steps_per_dispatch=0'),

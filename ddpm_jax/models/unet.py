@@ -20,6 +20,9 @@ Speed switches (they change neither the parameters nor, beyond rounding, the out
 * `upsample`: how `Upsample` computes the official nearest-neighbour x2 followed by a 3x3 conv; see
   `UPSAMPLE_IMPLS`. 'subpixel' (default) does the same sums on the low-resolution input with 16 instead of
   36 multiply-adds per output pixel and channel pair; it differs from 'repeat' by float rounding only.
+* `conv3x3`: how the residual blocks' 3x3 convolutions are computed, XLA's convolution or Winograd F(4x4, 3x3)
+  (ddpm_jax/models/winograd.py, 4x fewer multiply-adds, float32 error ~1e-5 of the largest output instead of
+  ~1e-6); see `CONV3X3_IMPLS`. The default 'auto' uses Winograd only on CPU, where it is faster.
 """
 import dataclasses
 import math
@@ -30,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from ddpm_jax import config_files, diffusion
+from ddpm_jax.models import winograd
 from ddpm_jax.models.group_norm import GroupNorm
 
 Dtype = Any
@@ -60,6 +64,15 @@ ATTENTION_IMPLS = ('einsum', 'dot_product', 'cudnn')
 #       of the 3x3 taps (`_subpixel_kernels`); the four results are interleaved. Same function of the same
 #       parameters; 4 * 4 = 16 instead of 4 * 9 = 36 multiply-adds per low-resolution pixel (2.25x fewer).
 UPSAMPLE_IMPLS = ('subpixel', 'repeat')
+
+# How the residual blocks' 3x3 convolutions (conv1, conv2) are computed:
+#   'xla': jax.lax.conv_general_dilated (XLA's convolution; on CPU Eigen's, see ddpm_jax/xla_cpu.py).
+#   'winograd': Winograd F(4x4, 3x3) (ddpm_jax/models/winograd.py) wherever H and W are multiples of 4 and the
+#       compute dtype is float32 or float64: 4x fewer multiply-adds, float32 error ~1e-5 of the largest output
+#       instead of ~1e-6.
+#   'auto': on CPU Winograd for the layers where it is faster there, with its own gradients or XLA's
+#       (`winograd.plan`), 'xla' elsewhere and on GPU/TPU (whose convolution libraries choose their own algorithms).
+CONV3X3_IMPLS = ('auto', 'xla', 'winograd')
 
 
 @jax.custom_vjp
@@ -131,11 +144,33 @@ def _normalize(norm: GroupNorm, x: jax.Array) -> jax.Array:
 
 
 def _conv(features: int, name: str, *, dtype: Dtype, param_dtype: Dtype, kernel_size: int = 3,
-          strides: int = 1, padding: Any = 'SAME', zero_init: bool = False) -> nn.Conv:
-    """The official `conv2d`: kernel [kh, kw, in, out], bias, official init."""
+          strides: int = 1, padding: Any = 'SAME', zero_init: bool = False, conv3x3: str = 'xla') -> nn.Conv:
+    """The official `conv2d`: kernel [kh, kw, in, out], bias, official init. `conv3x3` (one of `CONV3X3_IMPLS`)
+    picks how a 3x3 stride-1 'SAME' convolution is computed; other convolutions are always XLA's."""
     return nn.Conv(features, (kernel_size, kernel_size), strides=(strides, strides), padding=padding,
                    dtype=dtype, param_dtype=param_dtype, kernel_init=_ZERO_INIT if zero_init else _DEFAULT_INIT,
-                   bias_init=nn.initializers.zeros, name=name)
+                   bias_init=nn.initializers.zeros, conv_general_dilated=_ConvGeneralDilated(conv3x3), name=name)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ConvGeneralDilated:
+    """`jax.lax.conv_general_dilated` for nn.Conv, sending the 3x3 stride-1 'SAME' convolutions that
+    `winograd.plan(algorithm, ...)` selects to `winograd.conv3x3` (same function up to rounding)."""
+    algorithm: str
+
+    def __call__(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                 dimension_numbers=None, feature_group_count=1, precision=None):
+        nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC'))
+        plain = (tuple(window_strides) == (1, 1) and feature_group_count == 1
+                 and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
+                 and (padding == 'SAME' or [tuple(p) for p in padding] == [(1, 1), (1, 1)])
+                 and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc)
+        gradients = plain and winograd.plan(self.algorithm, lhs.shape, rhs.shape, lhs.dtype, jax.default_backend())
+        if gradients:
+            return winograd.conv3x3(lhs, rhs, gradients)
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                                            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                                            feature_group_count=feature_group_count, precision=precision)
 
 
 @jax.custom_vjp
@@ -191,6 +226,7 @@ class ResnetBlock(nn.Module):
     out_ch: int
     dropout: float
     fast_variance: bool = False
+    conv3x3: str = 'auto'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -199,11 +235,11 @@ class ResnetBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm_kw = dict(fast_variance=self.fast_variance, **kw)
         h = nn.swish(_normalize(_group_norm('norm1', **norm_kw), x)).astype(self.dtype)
-        h = _conv(self.out_ch, 'conv1', **kw)(h)
+        h = _conv(self.out_ch, 'conv1', conv3x3=self.conv3x3, **kw)(h)
         h = h + _dense(self.out_ch, 'temb_proj', **kw)(nn.swish(temb))[:, None, None, :]
         h = nn.swish(_normalize(_group_norm('norm2', **norm_kw), h)).astype(self.dtype)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = _conv(self.out_ch, 'conv2', zero_init=True, **kw)(h)
+        h = _conv(self.out_ch, 'conv2', zero_init=True, conv3x3=self.conv3x3, **kw)(h)
         if x.shape[-1] != self.out_ch:
             x = _dense(self.out_ch, 'nin_shortcut', **kw)(x)
         return x.astype(self.dtype) + h
@@ -250,6 +286,11 @@ class AttnBlock(nn.Module):
         h = h.reshape(batch, height, width, channels)
         h = _dense(channels, 'proj_out', zero_init=True, **kw)(h)
         return x.astype(self.dtype) + h
+
+
+def _block_switches(level: nn.Module) -> tuple:
+    """The ResnetBlock fields after out_ch that a level passes on: (dropout, fast_variance, conv3x3)."""
+    return level.dropout, level.fast_variance, level.conv3x3
 
 
 def _block_classes(remat: bool) -> tuple[type[ResnetBlock], type[AttnBlock]]:
@@ -376,6 +417,7 @@ class DownLevel(nn.Module):
     attention: str = 'einsum'
     remat: bool = False
     fast_variance: bool = False
+    conv3x3: str = 'auto'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -385,7 +427,7 @@ class DownLevel(nn.Module):
         resnet_block, attn_block = _block_classes(self.remat)
         outputs = []
         for j in range(self.num_res_blocks):
-            h = resnet_block(self.out_ch, self.dropout, self.fast_variance, **kw, name=f'block_{j}')(h, temb, train)
+            h = resnet_block(self.out_ch, *_block_switches(self), **kw, name=f'block_{j}')(h, temb, train)
             if self.use_attn:
                 h = attn_block(self.attention, self.fast_variance, **kw, name=f'attn_{j}')(h)
             outputs.append(h)
@@ -400,6 +442,7 @@ class MidLevel(nn.Module):
     attention: str = 'einsum'
     remat: bool = False
     fast_variance: bool = False
+    conv3x3: str = 'auto'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -408,9 +451,9 @@ class MidLevel(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         resnet_block, attn_block = _block_classes(self.remat)
         channels = h.shape[-1]
-        h = resnet_block(channels, self.dropout, self.fast_variance, **kw, name='block_1')(h, temb, train)
+        h = resnet_block(channels, *_block_switches(self), **kw, name='block_1')(h, temb, train)
         h = attn_block(self.attention, self.fast_variance, **kw, name='attn_1')(h)
-        return resnet_block(channels, self.dropout, self.fast_variance, **kw, name='block_2')(h, temb, train)
+        return resnet_block(channels, *_block_switches(self), **kw, name='block_2')(h, temb, train)
 
 
 class UpLevel(nn.Module):
@@ -427,6 +470,7 @@ class UpLevel(nn.Module):
     attention: str = 'einsum'
     remat: bool = False
     fast_variance: bool = False
+    conv3x3: str = 'auto'
     upsample: str = 'subpixel'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -437,7 +481,7 @@ class UpLevel(nn.Module):
         resnet_block, attn_block = _block_classes(self.remat)
         for j, skip in enumerate(skips):
             h = jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)
-            h = resnet_block(self.out_ch, self.dropout, self.fast_variance, **kw, name=f'block_{j}')(h, temb, train)
+            h = resnet_block(self.out_ch, *_block_switches(self), **kw, name=f'block_{j}')(h, temb, train)
             if self.use_attn:
                 h = attn_block(self.attention, self.fast_variance, **kw, name=f'attn_{j}')(h)
         if self.add_upsample:
@@ -452,8 +496,8 @@ class UNet(nn.Module):
     x: [B, H, W, C] float in [-1, 1] (H = W, divisible by 2**(len(ch_mult) - 1)), t: [B] int in {0..T-1};
     returns [B, H, W, out_ch] in `promote_types(dtype, float32)` (float32 for float32/bfloat16 compute).
     Dropout (rate `dropout`, inside resblocks only) is active when train=True and uses the 'dropout' rng.
-    `attention` (one of `ATTENTION_IMPLS`), `remat`, `fast_variance` and `upsample` (one of `UPSAMPLE_IMPLS`) are
-    speed switches; see the module docstring.
+    `attention` (one of `ATTENTION_IMPLS`), `remat`, `fast_variance`, `upsample` (one of `UPSAMPLE_IMPLS`) and
+    `conv3x3` (one of `CONV3X3_IMPLS`) are speed switches; see the module docstring.
     """
     ch: int
     out_ch: int
@@ -465,6 +509,7 @@ class UNet(nn.Module):
     attention: str = 'einsum'
     remat: bool = False
     fast_variance: bool = False
+    conv3x3: str = 'auto'
     upsample: str = 'subpixel'
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -480,7 +525,8 @@ class UNet(nn.Module):
             raise ValueError(f't must have shape [B] = ({batch},), got {t.shape}')
         _check_attention(self.attention)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        switches = dict(attention=self.attention, remat=self.remat, fast_variance=self.fast_variance)
+        switches = dict(attention=self.attention, remat=self.remat, fast_variance=self.fast_variance,
+                        conv3x3=self.conv3x3)
         common = dict(num_res_blocks=self.num_res_blocks, resamp_with_conv=self.resamp_with_conv,
                       dropout=self.dropout, **switches, **kw)
 
@@ -523,6 +569,7 @@ class ModelSettings:
     remat: bool
     fast_variance: bool
     upsample: str
+    conv3x3: str
 
     @classmethod
     def from_config(cls, model_config) -> 'ModelSettings':
@@ -535,6 +582,8 @@ class ModelSettings:
             raise ValueError(f'config.model.attention={settings.attention!r}; allowed: {ATTENTION_IMPLS}')
         if settings.upsample not in UPSAMPLE_IMPLS:
             raise ValueError(f'config.model.upsample={settings.upsample!r}; allowed: {UPSAMPLE_IMPLS}')
+        if settings.conv3x3 not in CONV3X3_IMPLS:
+            raise ValueError(f'config.model.conv3x3={settings.conv3x3!r}; allowed: {CONV3X3_IMPLS}')
         return settings
 
 
@@ -545,6 +594,7 @@ def unet_from_settings(settings: ModelSettings, *, channels: int, learned_varian
                 num_res_blocks=settings.num_res_blocks, attn_resolutions=settings.attn_resolutions,
                 dropout=settings.dropout, resamp_with_conv=settings.resamp_with_conv, attention=settings.attention,
                 remat=settings.remat, fast_variance=settings.fast_variance, upsample=settings.upsample,
+                conv3x3=settings.conv3x3,
                 dtype=COMPUTE_DTYPES[settings.dtype])
 
 
