@@ -87,6 +87,10 @@ def test_float32_error_is_a_few_times_the_direct_convolutions():
     for g, w in zip(got, wanted):
         assert g.dtype == np.float32
         np.testing.assert_allclose(g, w, rtol=0, atol=2e-5 * np.abs(w).max())
+    # float32 operands stay float32 when float64 is enabled (the transforms' constants are weakly typed).
+    with jax.enable_x64(True):
+        assert all(a.dtype == jnp.float32 for a in jax.jit(_forward_and_grads)(
+            x.astype(np.float32), kernel.astype(np.float32), out_grad.astype(np.float32)))
 
 
 def test_rejects_shapes_it_cannot_tile_and_unknown_gradients():

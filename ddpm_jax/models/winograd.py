@@ -68,9 +68,11 @@ MIN_FORWARD_MATMUL_SIZE = 2 ** 23
 
 
 def _combine(coefficients, parts):
-    """sum_i coefficients[i] * parts[i], skipping zero coefficients (the transforms are sparse)."""
+    """sum_i coefficients[i] * parts[i], skipping zero coefficients (the transforms are sparse); in the parts' dtype
+    (the coefficients are Python floats, weakly typed, so float32 stays float32 under jax_enable_x64 too)."""
     total = None
     for coefficient, part in zip(coefficients, parts):
+        coefficient = float(coefficient)
         if coefficient == 0:
             continue
         term = part if coefficient == 1 else -part if coefficient == -1 else part * coefficient
