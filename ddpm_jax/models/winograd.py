@@ -80,6 +80,13 @@ def _combine(coefficients, parts):
     return total
 
 
+def _along(matrix: np.ndarray, x: jax.Array, axis: int) -> jax.Array:
+    """matrix [m, n] applied along `axis` of x (length n) -> x with that axis of length m; each entry a sparse sum
+    of slices of x (`_combine`), which XLA fuses into one loop."""
+    parts = [jax.lax.index_in_dim(x, i, axis, keepdims=False) for i in range(x.shape[axis])]
+    return jnp.stack([_combine(row, parts) for row in matrix], axis=axis)
+
+
 def _strided_taps(x: jax.Array, axis: int, count: int, length: int) -> list[jax.Array]:
     """The `count` slices x[i : i + length : TILE] along `axis` (length / TILE entries each), i = 0 .. count - 1."""
     return [jax.lax.slice_in_dim(x, i, i + length - TILE + 1, TILE, axis) for i in range(count)]
@@ -100,41 +107,31 @@ def input_tiles(x: jax.Array) -> jax.Array:
 
 
 def kernel_tiles(kernel: jax.Array) -> jax.Array:
-    """kernel: [3, 3, C_in, C_out] -> G K G^T: [36, C_in, C_out] (rows, then columns, as `input_tiles`)."""
-    by_rows = jnp.stack([_combine(KERNEL_TRANSFORM[a], [kernel[i] for i in range(3)]) for a in range(WINDOW)])
-    tiles = jnp.stack([_combine(KERNEL_TRANSFORM[b], [by_rows[:, j] for j in range(3)]) for b in range(WINDOW)],
-                      axis=1)                                                      # [6, 6, C_in, C_out]
+    """kernel: [3, 3, C_in, C_out] -> G K G^T: [36, C_in, C_out]."""
+    tiles = _along(KERNEL_TRANSFORM, _along(KERNEL_TRANSFORM, kernel, 0), 1)   # [6, 6, C_in, C_out]
     return tiles.reshape(WINDOW * WINDOW, *kernel.shape[2:])
 
 
 def kernel_from_tiles(tiles_grad: jax.Array) -> jax.Array:
     """Transpose of `kernel_tiles`: [36, C_in, C_out] -> G^T dU G: [3, 3, C_in, C_out]."""
     tiles_grad = tiles_grad.reshape(WINDOW, WINDOW, *tiles_grad.shape[1:])
-    by_rows = jnp.stack([_combine(KERNEL_TRANSFORM[:, i], [tiles_grad[a] for a in range(WINDOW)]) for i in range(3)])
-    return jnp.stack([_combine(KERNEL_TRANSFORM[:, j], [by_rows[:, b] for b in range(WINDOW)]) for j in range(3)],
-                     axis=1)
+    return _along(KERNEL_TRANSFORM.T, _along(KERNEL_TRANSFORM.T, tiles_grad, 0), 1)
 
 
 def output_from_tiles(products: jax.Array, batch: int, height: int, width: int) -> jax.Array:
     """products: [36, B*H*W/16, C] -> A^T M A, each tile's 4x4 outputs put in place: [B, H, W, C]."""
     channels = products.shape[-1]
     products = products.reshape(WINDOW, WINDOW, batch, height // TILE, width // TILE, channels)
-    by_rows = jnp.stack([_combine(OUTPUT_TRANSFORM[r], [products[a] for a in range(WINDOW)])
-                         for r in range(TILE)])                                    # [4, 6, B, H/4, W/4, C]
-    out = jnp.stack([_combine(OUTPUT_TRANSFORM[s], [by_rows[:, b] for b in range(WINDOW)])
-                     for s in range(TILE)], axis=-2)                                # [4, B, H/4, W/4, 4, C]
-    return jnp.moveaxis(out, 0, 2).reshape(batch, height, width, channels)
+    out = _along(OUTPUT_TRANSFORM, _along(OUTPUT_TRANSFORM, products, 0), 1)     # [4, 4, B, H/4, W/4, C]
+    return jnp.transpose(out, (2, 3, 0, 4, 1, 5)).reshape(batch, height, width, channels)
 
 
 def output_tiles_transposed(out_grad: jax.Array) -> jax.Array:
     """Transpose of `output_from_tiles`: out_grad [B, H, W, C] -> A dY A^T per tile: [36, B*H*W/16, C]."""
     batch, height, width, channels = out_grad.shape
     blocks = out_grad.reshape(batch, height // TILE, TILE, width // TILE, TILE, channels)
-    rows = [blocks[:, :, r] for r in range(TILE)]                                  # 4 x [B, H/4, W/4, 4, C]
-    by_rows = jnp.stack([_combine(OUTPUT_TRANSFORM[:, a], rows) for a in range(WINDOW)])
-    columns = [by_rows[..., s, :] for s in range(TILE)]                            # 4 x [6, B, H/4, W/4, C]
-    tiles = jnp.stack([_combine(OUTPUT_TRANSFORM[:, b], columns) for b in range(WINDOW)], axis=1)
-    return tiles.reshape(WINDOW * WINDOW, -1, channels)
+    tiles = _along(OUTPUT_TRANSFORM.T, _along(OUTPUT_TRANSFORM.T, blocks, 2), 4)  # [B, H/4, 6, W/4, 6, C]
+    return jnp.transpose(tiles, (2, 4, 0, 1, 3, 5)).reshape(WINDOW * WINDOW, -1, channels)
 
 
 # The two programs below are jitted so that each distinct shape is traced once per process: written out, one
@@ -160,7 +157,12 @@ def conv3x3(x: jax.Array, kernel: jax.Array, gradients: str = 'winograd') -> jax
     [3, 3, C_in, C_out] -> [B, H, W, C_out], by F(4x4, 3x3). H and W must be multiples of 4; x and kernel of
     one floating dtype. `gradients`: 'winograd' computes both gradients by Winograd too, 'xla' by XLA's
     convolutions (faster where the layer is small: `plan`)."""
-    batch, height, width, channels = x.shape
+    _check_operands(x, kernel, gradients)
+    return _conv3x3_forward(x, kernel)
+
+
+def _check_operands(x: jax.Array, kernel: jax.Array, gradients: str) -> None:
+    _, height, width, channels = x.shape
     if height % TILE or width % TILE:
         raise ValueError(f'conv3x3 needs H and W divisible by {TILE}, got x of shape {x.shape}')
     if kernel.shape[:3] != (3, 3, channels):
@@ -168,11 +170,11 @@ def conv3x3(x: jax.Array, kernel: jax.Array, gradients: str = 'winograd') -> jax
                          f'got {kernel.shape}')
     if gradients not in GRADIENTS:
         raise ValueError(f'conv3x3: gradients={gradients!r}; allowed: {GRADIENTS}')
-    return _conv3x3_forward(x, kernel)
 
 
 def _conv3x3_fwd(x, kernel, gradients):
-    return conv3x3(x, kernel, gradients), (x, kernel)
+    _check_operands(x, kernel, gradients)
+    return _conv3x3_forward(x, kernel), (x, kernel)
 
 
 def _xla_conv(x, kernel):
